@@ -1,0 +1,1 @@
+"""Framework adapters, installed as ``resnet_backbone.adapters`` (one module per framework)."""

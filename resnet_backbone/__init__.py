@@ -1,0 +1,20 @@
+"""ResNet v1.5 multi-scale feature extractor for detection and segmentation."""
+
+from .backbone import ResNetBackbone
+from .classification import ResNetForImageClassification, ResNetModel
+from .config import ResNetConfig
+from .out_features import align_out_features
+from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
+from .presets import PRESETS
+
+__all__ = [
+    "PRESETS",
+    "BackboneOutput",
+    "BaseModelOutputWithPoolingAndNoAttention",
+    "ImageClassifierOutputWithNoAttention",
+    "ResNetBackbone",
+    "ResNetConfig",
+    "ResNetForImageClassification",
+    "ResNetModel",
+    "align_out_features",
+]

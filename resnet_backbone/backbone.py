@@ -1,0 +1,108 @@
+"""``ResNetBackbone``: multi-scale feature maps selected by stage name or index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import ResNetConfig
+from .out_features import align_out_features
+from .outputs import BackboneOutput
+from .pretrained import ResNetTrunk
+
+
+class ResNetBackbone(ResNetTrunk):
+    """A ResNet v1.5 that returns the feature maps of ``out_features`` (transformers' conventions).
+
+    Stages deeper than the deepest requested one are not built: they cost nothing and leave no unused
+    parameters. Channels and strides are known before any forward pass.
+
+    Example::
+
+        backbone = ResNetBackbone(out_features=["stage2", "stage4"])  # ResNet-50
+        backbone(pixel_values).feature_maps  # ((B, 512, H/8, W/8), (B, 2048, H/32, W/32))
+        backbone.channels, backbone.strides  # [512, 2048], [8, 32]
+    """
+
+    def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._build_trunk(num_stages=max(self.config.out_indices, default=0))
+
+    # ---------------------------------------------------------------- stage selection
+
+    @property
+    def stage_names(self) -> list[str]:
+        return self.config.stage_names
+
+    @property
+    def out_features(self) -> list[str]:
+        return self.config.out_features
+
+    @out_features.setter
+    def out_features(self, out_features: list[str]) -> None:
+        self._select(*align_out_features(self.stage_names, out_features, None))
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self.config.out_indices
+
+    @out_indices.setter
+    def out_indices(self, out_indices: list[int]) -> None:
+        self._select(*align_out_features(self.stage_names, None, out_indices))
+
+    def _select(self, out_features: list[str], out_indices: list[int]) -> None:
+        num_built = len(self.encoder.stages)
+        if max(out_indices, default=0) > num_built:
+            raise ValueError(
+                f"Cannot select {out_features}: this backbone was built up to "
+                f"{self.stage_names[num_built]!r} (its deepest out_feature then), so "
+                f"{self.stage_names[num_built + 1 :]} do not exist. Build a new backbone with the deeper "
+                "out_features, e.g. ResNetBackbone(config, out_features=[...])."
+            )
+        self.config.out_features = out_features
+
+    # ---------------------------------------------------------------- metadata
+
+    @property
+    def num_features(self) -> list[int]:
+        """Channels of every stage in ``stage_names``, built or not (transformers' ``num_features``)."""
+        return [spec.channels for spec in self.stage_specs]
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        return {spec.name: spec.channels for spec in self.stage_specs}
+
+    @property
+    def out_feature_strides(self) -> dict[str, int]:
+        return {spec.name: spec.stride for spec in self.stage_specs}
+
+    @property
+    def channels(self) -> list[int]:
+        """Channels of each output feature map, in ``out_features`` order."""
+        return [self.out_feature_channels[name] for name in self.out_features]
+
+    @property
+    def strides(self) -> list[int]:
+        """Stride (input size / feature size) of each output feature map, in ``out_features`` order."""
+        return [self.out_feature_strides[name] for name in self.out_features]
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BackboneOutput | tuple:
+        """Feature maps for ``pixel_values`` of shape (batch, num_channels, height, width).
+
+        ``hidden_states`` (when asked) holds the stem output and the output of each stage computed.
+        """
+        output_hidden_states, return_dict = self._output_options(output_hidden_states, return_dict)
+        hidden_states = self._forward_trunk(pixel_values, num_stages=max(self.out_indices, default=0))
+        feature_maps = tuple(hidden_states[index] for index in self.out_indices)
+        all_hidden_states = tuple(hidden_states) if output_hidden_states else None
+        if not return_dict:
+            return (feature_maps,) if all_hidden_states is None else (feature_maps, all_hidden_states)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=all_hidden_states)

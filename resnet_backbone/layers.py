@@ -1,0 +1,87 @@
+"""Smallest building blocks: activations, norm layers and the conv-norm-activation unit."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from .config import GROUP_NORM_GROUPS
+
+NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, torchvision.ops.FrozenBatchNorm2d)
+
+
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """torchvision's frozen BatchNorm, computed by the BatchNorm kernel in inference mode.
+
+    Unlike torchvision's version its output keeps the input's dtype (bf16/fp16 in, bf16/fp16 out), and it
+    is bit-for-bit ``nn.BatchNorm2d`` in eval mode. It is still an instance of torchvision's class, so
+    torchvision's detection code treats it as frozen.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def make_norm(norm_layer: str, channels: int) -> nn.Module:
+    """A norm layer of the kind named by ``ResNetConfig.norm_layer``."""
+    if norm_layer == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm_layer == "frozen_batch":
+        return FrozenBatchNorm2d(channels)
+    if norm_layer == "sync_batch":
+        return nn.SyncBatchNorm(channels)
+    if norm_layer == "group":
+        return nn.GroupNorm(GROUP_NORM_GROUPS, channels)
+    raise ValueError(f"Unknown norm_layer {norm_layer!r}.")
+
+
+def make_activation(hidden_act: str) -> nn.Module:
+    """The activation named by ``ResNetConfig.hidden_act``, numerically as transformers' ``ACT2FN``."""
+    if hidden_act == "relu":
+        # In place is safe: every ReLU here follows a norm layer or the residual sum, whose inputs are
+        # not needed by autograd.
+        return nn.ReLU(inplace=True)
+    if hidden_act == "gelu":
+        return nn.GELU()
+    if hidden_act == "gelu_new":
+        return nn.GELU(approximate="tanh")
+    if hidden_act in ("silu", "swish"):
+        return nn.SiLU()
+    if hidden_act == "selu":
+        return nn.SELU()
+    raise ValueError(f"Unknown hidden_act {hidden_act!r}.")
+
+
+class ConvLayer(nn.Module):
+    """Convolution, norm, optional activation: transformers' ``ResNetConvLayer`` (same parameter names)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        norm_layer: str = "batch",
+        activation: str | None = "relu",
+    ) -> None:
+        super().__init__()
+        self.convolution = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=dilation * (kernel_size - 1) // 2,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        )
+        self.normalization = make_norm(norm_layer, out_channels)
+        self.activation = make_activation(activation) if activation is not None else nn.Identity()
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.normalization(self.convolution(hidden_state)))

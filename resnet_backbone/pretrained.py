@@ -1,0 +1,116 @@
+"""What the backbone and the classification models share: config handling, the stem-and-stages trunk,
+weight initialisation, and freezing that survives ``model.train()``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import _ResidualLayer
+from .config import ResNetConfig
+from .layers import NORM_TYPES
+from .stages import Embeddings, Encoder, StageSpec, stage_specs
+
+
+class ResNetPreTrainedModel(nn.Module):
+    """Base of every model here: owns a validated copy of its config (the caller's is never mutated)."""
+
+    def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        if config is not None and not isinstance(config, ResNetConfig):
+            raise TypeError(f"config must be a ResNetConfig or None, got {type(config).__name__}.")
+        self.config = (config or ResNetConfig()).with_overrides(**overrides)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ResNetPreTrainedModel:
+        """A randomly initialised model of a named architecture, e.g. ``from_preset("resnet50")``."""
+        return cls(ResNetConfig.from_preset(name, **overrides))
+
+
+class ResNetTrunk(ResNetPreTrainedModel):
+    """The stem (``embedder``) and the first ``num_stages`` stages (``encoder.stages``)."""
+
+    def _build_trunk(self, num_stages: int) -> None:
+        self.stage_specs: list[StageSpec] = stage_specs(self.config)
+        self.embedder = Embeddings(self.config)
+        self.encoder = Encoder(self.config, num_stages)
+        self._init_weights()
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if self.config.zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, _ResidualLayer):
+                    nn.init.zeros_(module.last_norm().weight)
+
+    def stage_modules(self) -> list[nn.Module]:
+        """The built modules of ``stage_names``, in order: the stem, then each built stage."""
+        return [self.embedder, *self.encoder.stages]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules of ``stage_names[:freeze_at]`` (those that are built)."""
+        return self.stage_modules()[: self.config.freeze_at]
+
+    def train(self, mode: bool = True) -> ResNetTrunk:
+        """Set train mode, except for norms that ``freeze_at`` or ``norm_eval`` keep in eval mode."""
+        super().train(mode)
+        if mode:
+            kept_in_eval = [self] if self.config.norm_eval else self.frozen_modules()
+            for module in kept_in_eval:
+                for norm in module.modules():
+                    if isinstance(norm, NORM_TYPES):
+                        norm.eval()
+        return self
+
+    def _output_options(self, output_hidden_states: bool | None, return_dict: bool | None) -> tuple[bool, bool]:
+        """Per-call options, defaulting to the config's (transformers' convention)."""
+        return (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            self.config.return_dict if return_dict is None else return_dict,
+        )
+
+    def _forward_trunk(self, pixel_values: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+        """The stem output, then the output of each of the first ``num_stages`` stages."""
+        if not torch.jit.is_scripting():
+            check_pixel_values(pixel_values, self.config.num_channels)
+        hidden_state = self.embedder(pixel_values)
+        hidden_states = [hidden_state]
+        for stage in self.encoder.stages[:num_stages]:
+            hidden_state = stage(hidden_state)
+            hidden_states.append(hidden_state)
+        return hidden_states
+
+
+def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
+    """Reject input that is not a (batch, channels, height, width) float tensor, saying how to fix it."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    shape = tuple(pixel_values.shape)
+    if pixel_values.ndim != 4:
+        hint = " For a single image, add the batch dimension with pixel_values[None]." if pixel_values.ndim == 3 else ""
+        raise ValueError(
+            f"pixel_values must be 4-D (batch, {num_channels}, height, width), got {pixel_values.ndim}-D shape "
+            f"{shape}.{hint}"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating point tensor, got dtype {pixel_values.dtype}. Convert and normalise "
+            "it first, e.g. pixel_values.float() / 255 followed by the mean/std normalisation of the weights."
+        )
+    if shape[1] != num_channels:
+        hint = (
+            f" It looks channels-last (batch, height, width, {num_channels}): use pixel_values.permute(0, 3, 1, 2)."
+            if shape[3] == num_channels
+            else ""
+        )
+        raise ValueError(
+            f"pixel_values must have {num_channels} channels in dimension 1 (batch, {num_channels}, height, width), "
+            f"got shape {shape}.{hint}"
+        )

@@ -1,0 +1,241 @@
+"""ResNetBackbone against transformers' own ResNetBackbone, and its metadata against real forwards."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import transformers
+from conftest import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
+from torch import nn
+
+from resnet_backbone import BackboneOutput, ResNetBackbone, ResNetConfig
+from resnet_backbone.layers import FrozenBatchNorm2d
+
+
+def transformers_pair(**config_fields) -> tuple[transformers.ResNetBackbone, ResNetBackbone]:
+    """transformers' backbone with random weights and norm statistics, and ours with its state dict."""
+    every_stage = list(range(len(config_fields.get("depths", ALL_STAGES[1:])) + 1))
+    theirs = transformers.ResNetBackbone(transformers.ResNetConfig(out_indices=every_stage, **config_fields))
+    randomize_norms(theirs.eval())
+    ours = ResNetBackbone(ResNetConfig(out_indices=every_stage, **config_fields)).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+@pytest.mark.parametrize(
+    "config_fields",
+    [
+        TINY_BOTTLENECK,
+        TINY_BASIC,
+        dict(TINY_BOTTLENECK, hidden_act="gelu", downsample_in_bottleneck=True),
+        dict(TINY_BASIC, hidden_act="gelu_new", downsample_in_first_stage=True),
+        dict(TINY_BOTTLENECK, hidden_act="silu", depths=[2, 1, 1], hidden_sizes=[64, 128, 192]),
+        dict(TINY_BASIC, hidden_act="swish"),
+    ],
+    ids=["bottleneck", "basic", "gelu-v1", "gelu_new-first-stage-down", "silu-3-stages", "swish"],
+)
+def test_feature_maps_equal_transformers(config_fields, images):
+    theirs, ours = transformers_pair(**config_fields)
+    with torch.no_grad():
+        expected, actual = theirs(images, output_hidden_states=True), ours(images, output_hidden_states=True)
+    assert len(actual.feature_maps) == len(expected.feature_maps) == len(ours.stage_names)
+    for mine, reference in zip(
+        actual.feature_maps + actual.hidden_states, expected.feature_maps + expected.hidden_states
+    ):
+        assert max_abs_diff(mine, reference) <= 1e-5
+
+
+def test_resnet50_state_dict_keys_and_features_equal_transformers(images):
+    theirs, ours = transformers_pair()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    with torch.no_grad():
+        for mine, reference in zip(ours(images).feature_maps, theirs(images).feature_maps):
+            assert max_abs_diff(mine, reference) <= 1e-5
+
+
+def test_readme_example():
+    backbone = ResNetBackbone(out_features=["stage2", "stage4"]).eval()
+    out = backbone(torch.randn(1, 3, 224, 320))
+    assert isinstance(out, BackboneOutput)
+    assert [tuple(f.shape) for f in out.feature_maps] == [(1, 512, 28, 40), (1, 2048, 7, 10)]
+    assert (backbone.channels, backbone.strides) == ([512, 2048], [8, 32])
+
+
+def test_return_conventions_follow_transformers(images):
+    theirs, ours = transformers_pair(**TINY_BASIC)
+    with torch.no_grad():
+        for kwargs in [dict(return_dict=False), dict(return_dict=False, output_hidden_states=True)]:
+            mine, reference = ours(images, **kwargs), theirs(images, **kwargs)
+            assert isinstance(mine, tuple) and len(mine) == len(reference)
+            for ours_group, their_group in zip(mine, reference):
+                assert len(ours_group) == len(their_group)
+        out = ours(images)
+        assert out.hidden_states is None and out[0] is out.feature_maps is out["feature_maps"]
+
+
+@pytest.mark.parametrize("output_stride", [None, 32, 16, 8])
+@pytest.mark.parametrize("fields", [TINY_BASIC, TINY_BOTTLENECK, dict(TINY_BOTTLENECK, avg_down=True)])
+def test_metadata_matches_a_real_forward(fields, output_stride):
+    backbone = ResNetBackbone(**fields, output_stride=output_stride, out_features=ALL_STAGES).eval()
+    for height, width in [(64, 64), (97, 130), (224, 160)]:
+        with torch.no_grad():
+            feature_maps = backbone(torch.randn(1, 3, height, width)).feature_maps
+        assert [f.shape[1] for f in feature_maps] == backbone.channels == backbone.num_features
+        for feature_map, stride in zip(feature_maps, backbone.strides):
+            assert tuple(feature_map.shape[2:]) == (-(-height // stride), -(-width // stride))
+    expected_final = {None: 32, 32: 32, 16: 16, 8: 8}[output_stride]
+    assert backbone.strides == [4, 4, 8, min(16, expected_final), expected_final]
+    assert backbone.out_feature_channels == dict(zip(ALL_STAGES, backbone.channels))
+
+
+@pytest.mark.parametrize("output_stride", [32, 16, 8])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50d"])
+def test_strides_follow_timm_output_stride(name, output_stride):
+    with torch.device("meta"):
+        theirs = timm.create_model(name, features_only=True, output_stride=output_stride, out_indices=(1, 2, 3, 4))
+        ours = ResNetBackbone.from_preset(name, output_stride=output_stride, out_features=ALL_STAGES[1:])
+        x = torch.empty(1, 3, 96, 160)
+        assert [f.shape for f in ours(x).feature_maps] == [f.shape for f in theirs(x)]
+    assert ours.strides == theirs.feature_info.reduction()
+    assert ours.channels == theirs.feature_info.channels()
+
+
+def test_downsample_in_first_stage_doubles_every_stage_stride(images):
+    backbone = ResNetBackbone(**TINY_BASIC, downsample_in_first_stage=True, out_features=ALL_STAGES)
+    assert backbone.strides == [4, 8, 16, 32, 64]
+    assert [f.shape[-1] for f in backbone(images).feature_maps] == [-(-130 // s) for s in backbone.strides]
+
+
+def test_stages_past_the_deepest_output_are_not_built_and_every_parameter_gets_a_gradient(images):
+    backbone = ResNetBackbone(**TINY_BOTTLENECK, out_features=["stage1", "stage2"])
+    assert len(backbone.encoder.stages) == 2
+    assert not any(name.startswith("encoder.stages.2") for name, _ in backbone.named_parameters())
+    sum(f.mean() for f in backbone(images).feature_maps).backward()
+    assert all(p.grad is not None for p in backbone.parameters())
+    assert backbone.channels == [64, 128] and backbone.num_features == [32, 64, 128, 192, 256]
+
+
+def test_selecting_an_unbuilt_stage_later_is_a_clear_error():
+    backbone = ResNetBackbone(**TINY_BASIC, out_features=["stage2"])
+    with pytest.raises(ValueError, match=r"built up to 'stage2'.*\['stage3', 'stage4'\] do not exist"):
+        backbone.out_features = ["stage3"]
+    assert backbone.out_features == ["stage2"]
+    backbone.out_indices = [0, 1]
+    assert backbone.out_features == ["stem", "stage1"]
+
+
+def test_forward_is_a_plain_loop_that_traces_without_graph_breaks(images):
+    backbone = ResNetBackbone(**TINY_BASIC, out_features=["stage1", "stage3"]).eval()
+    explanation = torch._dynamo.explain(backbone)(images)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("pixel_values", "error", "message"),
+    [
+        (torch.randn(3, 64, 64), ValueError, r"4-D \(batch, 3, height, width\), got 3-D.*pixel_values\[None\]"),
+        (torch.randn(1, 1, 3, 64, 64), ValueError, "got 5-D"),
+        (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), TypeError, r"floating point.*torch.uint8"),
+        (torch.randn(1, 64, 64, 3), ValueError, r"looks channels-last.*permute\(0, 3, 1, 2\)"),
+        (torch.randn(1, 4, 64, 64), ValueError, r"3 channels in dimension 1.*\(1, 4, 64, 64\)"),
+        ([[1.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_says_what_was_expected_and_received(pixel_values, error, message):
+    with pytest.raises(error, match=message):
+        ResNetBackbone(**TINY_BASIC)(pixel_values)
+
+
+# ---------------------------------------------------------------- fine-tuning options
+
+
+def _norms(module: nn.Module) -> list[nn.Module]:
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d)
+    return [m for m in module.modules() if isinstance(m, norm_types)]
+
+
+def test_freeze_at_freezes_parameters_and_keeps_frozen_norms_in_eval_through_train(images):
+    backbone = ResNetBackbone(**TINY_BOTTLENECK, freeze_at=2, out_features=["stage2", "stage3"]).train()
+    frozen, trainable = backbone.stage_modules()[:2], backbone.stage_modules()[2:]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in trainable for p in m.parameters())
+    assert not any(n.training for m in frozen for n in _norms(m))
+    assert all(n.training for m in trainable for n in _norms(m))
+    before = {k: v.clone() for k, v in backbone.state_dict().items() if k.startswith(("embedder", "encoder.stages.0"))}
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1)
+    for _ in range(2):
+        sum(f.mean() for f in backbone(images).feature_maps).backward()
+        optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items() if k in before)
+    backbone.eval().train()
+    assert not any(n.training for m in frozen for n in _norms(m))
+
+
+def test_norm_eval_keeps_every_norm_in_eval_mode(images):
+    backbone = ResNetBackbone(**TINY_BASIC, norm_eval=True).train()
+    assert backbone.training and not any(n.training for n in _norms(backbone))
+    running_means = [n.running_mean.clone() for n in _norms(backbone)]
+    backbone(images)
+    assert all(torch.equal(a, n.running_mean) for a, n in zip(running_means, _norms(backbone)))
+
+
+@pytest.mark.parametrize(
+    ("norm_layer", "norm_type"),
+    [("batch", nn.BatchNorm2d), ("frozen_batch", FrozenBatchNorm2d), ("sync_batch", nn.SyncBatchNorm),
+     ("group", nn.GroupNorm)],
+)  # fmt: skip
+def test_norm_layer_choice_is_used_everywhere_and_trains(norm_layer, norm_type, images):
+    fields = dict(TINY_BASIC, embedding_size=64, hidden_sizes=[64, 96, 128, 160])
+    backbone = ResNetBackbone(**fields, norm_layer=norm_layer, stem_type="deep", avg_down=True)
+    norms = _norms(backbone)
+    # 3 in the deep stem, 2 in each of the 5 blocks, 1 in each of the 3 projecting shortcuts.
+    assert len(norms) == 16 and all(type(m) is norm_type for m in norms)
+    backbone(images).feature_maps[-1].mean().backward()
+
+
+def test_frozen_batch_norm_matches_batch_norm_in_eval_mode_and_keeps_the_input_dtype(images):
+    batch = randomize_norms(ResNetBackbone(**TINY_BOTTLENECK).eval())
+    frozen = ResNetBackbone(**TINY_BOTTLENECK, norm_layer="frozen_batch")
+    frozen.load_state_dict({k: v for k, v in batch.state_dict().items() if "num_batches_tracked" not in k})
+    with torch.no_grad():
+        assert max_abs_diff(frozen.train()(images).feature_maps[0], batch(images).feature_maps[0]) == 0
+        assert frozen.to(torch.bfloat16)(images.bfloat16()).feature_maps[0].dtype == torch.bfloat16
+
+
+def test_zero_init_residual_zeroes_the_last_norm_of_every_block():
+    backbone = ResNetBackbone(**TINY_BOTTLENECK, zero_init_residual=True)
+    last_norms = [layer.layer[-1].normalization for stage in backbone.encoder.stages for layer in stage.layers]
+    assert len(last_norms) == sum(TINY_BOTTLENECK["depths"])
+    assert all(torch.count_nonzero(norm.weight) == 0 for norm in last_norms)
+    assert torch.count_nonzero(backbone.embedder.embedder.normalization.weight) > 0
+
+
+def test_drop_path_rate_grows_linearly_as_timm_and_is_only_active_in_training(images):
+    backbone = ResNetBackbone(**TINY_BASIC, drop_path_rate=0.2)
+    rates = [getattr(layer.drop_path, "drop_prob", 0.0) for stage in backbone.encoder.stages for layer in stage.layers]
+    num_blocks = sum(TINY_BASIC["depths"])
+    assert rates == pytest.approx([0.2 * i / (num_blocks - 1) for i in range(num_blocks)])
+    backbone.eval()
+    with torch.no_grad():
+        assert torch.equal(backbone(images).feature_maps[0], backbone(images).feature_maps[0])
+        backbone.train()
+        torch.manual_seed(0)
+        first = backbone(images).feature_maps[0]
+        assert not torch.equal(first, backbone(images).feature_maps[0])
+
+
+def test_selu_is_applied_after_the_residual_sum():
+    backbone = ResNetBackbone(**TINY_BASIC, hidden_act="selu")
+    assert isinstance(backbone.encoder.stages[0].layers[0].activation, nn.SELU)
+    assert isinstance(backbone.embedder.embedder.activation, nn.SELU)
+
+
+def test_the_callers_config_is_never_mutated():
+    config = ResNetConfig(**TINY_BASIC)
+    backbone = ResNetBackbone(config, out_features=["stage1"])
+    backbone.out_features = ["stem"]
+    assert config.out_features == ["stage4"] and backbone.config is not config

@@ -1,0 +1,70 @@
+"""The `resnet-backbone` console script, run as a user runs it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+from resnet_backbone import ResNetConfig
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    executable = shutil.which("resnet-backbone")
+    assert executable, "the console script is not installed"
+    return subprocess.run([executable, *args], capture_output=True, text=True, timeout=120)
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+    rows = [line.split() for line in stdout.splitlines()[3:]]
+    return {row[0]: row[1:] for row in rows if row and row[0].startswith(("stem", "stage"))}
+
+
+def test_info_reports_what_torchvision_resnet50_measures():
+    result = run_cli("info", "resnet50", "--input", "3x800x1333", "--out-features", "stage2", "stage4")
+    assert result.returncode == 0, result.stderr
+    table = _table(result.stdout)
+
+    with torch.device("meta"):
+        peer = torchvision.models.resnet50()
+        stem = torch.nn.Sequential(peer.conv1, peer.bn1, peer.relu, peer.maxpool)
+        modules = [stem, peer.layer1, peer.layer2, peer.layer3, peer.layer4]
+        hidden = torch.empty(1, 3, 800, 1333)
+        for name, module in zip(["stem", "stage1", "stage2", "stage3", "stage4"], modules):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                hidden = module(hidden)
+            index, channels, stride, shape, params, gflops, *output = table[name]
+            assert shape == "x".join(map(str, hidden.shape))
+            assert int(channels) == hidden.shape[1] and int(stride) == 800 // hidden.shape[2]
+            assert float(params) == pytest.approx(sum(p.numel() for p in module.parameters()) / 1e6, abs=0.006)
+            assert float(gflops) == pytest.approx(counter.get_total_flops() / 1e9, abs=0.006)
+            assert output == (["yes"] if name in ("stage2", "stage4") else [])
+    assert "total" in result.stdout
+
+
+def test_info_reads_a_config_json(tmp_path):
+    ResNetConfig.from_preset("resnet18", out_features=["stage3"]).to_json_file(tmp_path / "config.json")
+    result = run_cli("info", str(tmp_path / "config.json"))
+    assert result.returncode == 0, result.stderr
+    table = _table(result.stdout)
+    assert table["stage3"][1:3] == ["256", "16"] and table["stage3"][-1] == "yes"
+    assert run_cli("info", str(tmp_path)).stdout == result.stdout.replace(str(tmp_path / "config.json"), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["info", "resnet5"], "Did you mean 'resnet50'"),
+        (["info", "resnet18", "--out-features", "stage9"], "Valid stage_names"),
+        (["info", "resnet18", "--input", "800x1333"], "CHANNELSxHEIGHTxWIDTH"),
+        (["info", "missing/config.json"], "does not exist"),
+    ],
+)
+def test_info_errors_are_short_and_actionable(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

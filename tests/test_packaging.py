@@ -1,0 +1,56 @@
+"""`adapters/` installs as `resnet_backbone.adapters`, never as a top-level `adapters` package."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import importlib.util, resnet_backbone, resnet_backbone.adapters
+print(resnet_backbone.adapters.__file__)
+top_level = importlib.util.find_spec("adapters")
+print(top_level.origin if top_level else None)
+"""
+
+
+def _probe(cwd: Path, extra_path: Path | None = None) -> tuple[Path, str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}
+    if extra_path is not None:
+        env["PYTHONPATH"] = str(extra_path)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    adapters_file, top_level_origin = result.stdout.split()
+    return Path(adapters_file), top_level_origin
+
+
+def test_installed_package_imports_adapters_under_resnet_backbone(tmp_path):
+    """Whatever the install (the README's is editable), adapters/ is reached as resnet_backbone.adapters."""
+    adapters_file, top_level_origin = _probe(tmp_path)
+    assert adapters_file.name == "__init__.py" and adapters_file.parent.name == "adapters"
+    assert adapters_file.read_text() == (REPOSITORY / "adapters" / "__init__.py").read_text()
+    assert top_level_origin == "None" or not top_level_origin.startswith(str(REPOSITORY))
+
+
+def test_a_regular_install_ships_adapters_inside_resnet_backbone(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPOSITORY, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", ".*cache")
+    )
+    wheels, target = tmp_path / "wheels", tmp_path / "target"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, source], check=True, timeout=300)
+    (wheel,) = wheels.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "resnet_backbone/adapters/__init__.py" in names
+    assert not any(name.startswith("adapters/") for name in names)
+
+    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, timeout=300)
+    adapters_file, top_level_origin = _probe(tmp_path, extra_path=target)
+    assert adapters_file == target / "resnet_backbone" / "adapters" / "__init__.py"
+    assert top_level_origin == "None"
