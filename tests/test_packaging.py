@@ -11,11 +11,25 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 PROBE = """
-import importlib.util, resnet_backbone, resnet_backbone.adapters
+import importlib.util, pkgutil, resnet_backbone, resnet_backbone.adapters
 print(resnet_backbone.adapters.__file__)
 top_level = importlib.util.find_spec("adapters")
 print(top_level.origin if top_level else None)
+modules = {"resnet_backbone.adapters"}
+for package in (resnet_backbone, resnet_backbone.adapters):
+    modules |= {m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")}
+print(",".join(sorted(modules)))
 """
+
+
+def _repository_modules() -> str:
+    """Every module of the repository's two source folders, under its installed name."""
+    names = []
+    for folder, package in [("resnet_backbone", "resnet_backbone"), ("adapters", "resnet_backbone.adapters")]:
+        for path in (REPOSITORY / folder).rglob("*.py"):
+            parts = path.relative_to(REPOSITORY / folder).with_suffix("").parts
+            names.append(".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)]))
+    return ",".join(sorted(set(names) - {"resnet_backbone"}))
 
 
 def _probe(cwd: Path, extra_path: Path | None = None) -> tuple[Path, str]:
@@ -25,7 +39,8 @@ def _probe(cwd: Path, extra_path: Path | None = None) -> tuple[Path, str]:
     result = subprocess.run(
         [sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, check=True, timeout=120
     )
-    adapters_file, top_level_origin = result.stdout.split()
+    adapters_file, top_level_origin, modules = result.stdout.split()
+    assert modules == _repository_modules(), "some modules are not installed"
     return Path(adapters_file), top_level_origin
 
 
