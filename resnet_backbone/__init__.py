@@ -6,12 +6,15 @@ from .config import ResNetConfig
 from .out_features import align_out_features
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
+from .weights import CheckpointMismatchError, LoadReport
 
 __all__ = [
     "PRESETS",
     "BackboneOutput",
     "BaseModelOutputWithPoolingAndNoAttention",
+    "CheckpointMismatchError",
     "ImageClassifierOutputWithNoAttention",
+    "LoadReport",
     "ResNetBackbone",
     "ResNetConfig",
     "ResNetForImageClassification",

@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import ResNetConfig
 from .info import format_stage_table, stage_rows
 from .presets import PRESETS
+from .weights.convert import FORMATS, convert
 
 
 def config_from_argument(source: str) -> ResNetConfig:
@@ -43,6 +44,13 @@ def _run_info(args: argparse.Namespace) -> None:
     print(format_stage_table(stage_rows(config, args.input)))
 
 
+def _run_convert(args: argparse.Namespace) -> None:
+    result = convert(args.source, args.destination, source_format=args.source_format, target_format=args.target_format)
+    formats = f"{result.source_format} -> {result.target_format}"
+    print(f"converted {result.architecture} ({formats}): {result.destination}")
+    print(f"max abs difference between the two libraries' outputs on one random input: {result.max_abs_diff:.3g}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-backbone", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -52,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--out-features", nargs="+", metavar="NAME", help="stages to output (default: the last)")
     info.add_argument("--input", type=_input_shape, default=(3, 224, 224), metavar="CxHxW", help="default 3x224x224")
     info.set_defaults(run=_run_info)
+
+    converter = verbs.add_parser("convert", help="convert a checkpoint between transformers, torchvision and timm")
+    converter.add_argument(
+        "source", metavar="SRC", help="file, directory, Hub repo id, torchvision weights or timm name"
+    )
+    converter.add_argument("destination", metavar="DST", help="a directory for --to hf, a file otherwise")
+    converter.add_argument("--from", dest="source_format", choices=("auto", *FORMATS), default="auto")
+    converter.add_argument("--to", dest="target_format", choices=FORMATS, default="hf")
+    converter.set_defaults(run=_run_convert)
     return parser
 
 

@@ -24,6 +24,9 @@ HIDDEN_ACTS = ("relu", "gelu", "gelu_new", "silu", "swish", "selu")
 STEM_TYPES = ("default", "deep")
 NORM_LAYERS = ("batch", "frozen_batch", "sync_batch", "group")
 OUTPUT_STRIDES = (8, 16, 32)
+TRANSFORMERS_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish")
+# Marks config.json files that transformers must not load: see ResNetConfig.to_json_string.
+EXTENSION_MARKER = "resnet_backbone:"
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 GROUP_NORM_GROUPS = 32
 
@@ -156,7 +159,7 @@ class ResNetConfig:
         """Read a dict written by :meth:`to_dict` or by transformers' ``ResNetConfig.to_dict``."""
         if not isinstance(config_dict, Mapping):
             raise ValueError(f"A ResNet config must be a JSON object, got {type(config_dict).__name__}.")
-        data = {**config_dict, **overrides}
+        data = dict(config_dict)
         model_type = data.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(
@@ -164,6 +167,8 @@ class ResNetConfig:
                 f"(expected model_type {cls.model_type!r})."
             )
         stored_stage_names = data.pop("stage_names", None)
+        if isinstance(data.get("layer_type"), str):
+            data["layer_type"] = data["layer_type"].removeprefix(EXTENSION_MARKER)
         if isinstance(data.get("id2label"), Mapping):
             data["id2label"] = {_label_index(key): label for key, label in data["id2label"].items()}
         unknown = sorted(set(data) - _FIELD_NAMES - _IGNORED_TRANSFORMERS_KEYS)
@@ -175,10 +180,43 @@ class ResNetConfig:
                 f"The config's stage_names {stored_stage_names} do not match its depths "
                 f"{config.depths} (which give {config.stage_names})."
             )
-        return config
+        return config.with_overrides(**overrides) if overrides else config
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], **overrides: Any) -> ResNetConfig:
+        """The architecture of a transformers, torchvision or timm checkpoint, read off its keys and shapes."""
+        from .weights.architecture import infer_config  # weights builds on this module
+
+        return infer_config(state_dict, **overrides)
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """config.json text. A config that transformers cannot build exactly gets ``layer_type``
+        ``"resnet_backbone:<type>"``, which transformers rejects instead of loading a different network."""
+        data = self.to_dict()
+        if self.transformers_incompatibilities():
+            data["layer_type"] = EXTENSION_MARKER + self.layer_type
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def transformers_incompatibilities(self) -> list[str]:
+        """The fields that make transformers' ResNet a different network (training-only options are fine)."""
+        from .stages import stage_specs  # stages builds on this module
+
+        differences = [
+            f"{name}={getattr(self, name)!r}"
+            for name, value in [
+                ("groups", 1),
+                ("width_per_group", 64),
+                ("stem_type", "default"),
+                ("avg_down", False),
+                ("norm_layer", "batch"),
+            ]  # fmt: skip
+            if getattr(self, name) != value
+        ]
+        if self.hidden_act not in TRANSFORMERS_ACTIVATIONS:
+            differences.append(f"hidden_act={self.hidden_act!r}")
+        if any(spec.dilation > 1 for spec in stage_specs(self)):
+            differences.append(f"output_stride={self.output_stride} (dilation)")
+        return differences
 
     def to_json_file(self, path: str | PathLike) -> None:
         Path(path).write_text(self.to_json_string(), encoding="utf-8")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +47,28 @@ def max_abs_diff(first: torch.Tensor, second: torch.Tensor) -> float:
 def images() -> torch.Tensor:
     """A batch of two odd-sized images, so rounding in strides and pooling shows up."""
     return torch.randn(2, 3, 97, 130, generator=torch.Generator().manual_seed(1))
+
+
+def place_in_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay files out exactly as huggingface_hub's cache stores a downloaded revision of ``repo_id``, so the
+    real loaders find them offline."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copyfile(source, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def run_python(
+    code: str, env: dict[str, str], args: list[str] = (), timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (library settings read at import time apply)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

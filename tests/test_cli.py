@@ -6,11 +6,15 @@ import shutil
 import subprocess
 
 import pytest
+import timm
 import torch
 import torchvision
+import transformers
+from conftest import max_abs_diff, randomize_norms
+from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from resnet_backbone import ResNetConfig
+from resnet_backbone import ResNetConfig, ResNetModel
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -68,3 +72,40 @@ def test_info_reads_a_config_json(tmp_path):
 def test_info_errors_are_short_and_actionable(args, message):
     result = run_cli(*args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def _reported_difference(stdout: str) -> float:
+    return float(stdout.strip().splitlines()[-1].rsplit(":", 1)[1])
+
+
+def test_convert_moves_weights_across_all_three_libraries(tmp_path, images):
+    peer = randomize_norms(torchvision.models.resnet18().eval())
+    torch.save(peer.state_dict(), tmp_path / "torchvision.pth")
+    with torch.no_grad():
+        expected = peer(images)
+
+    result = run_cli("convert", str(tmp_path / "torchvision.pth"), str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    assert "resnet18 (torchvision -> hf)" in result.stdout and _reported_difference(result.stdout) <= 1e-5
+    theirs = transformers.ResNetForImageClassification.from_pretrained(tmp_path / "hf").eval()
+
+    result = run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "timm.safetensors"), "--to", "timm")
+    assert result.returncode == 0, result.stderr
+    timm_model = timm.create_model("resnet18").eval()
+    timm_model.load_state_dict(load_file(tmp_path / "timm.safetensors"), strict=True)
+
+    args = ["--from", "timm", "--to", "torchvision"]
+    result = run_cli("convert", str(tmp_path / "timm.safetensors"), str(tmp_path / "back.pth"), *args)
+    assert result.returncode == 0, result.stderr
+    torchvision_model = torchvision.models.resnet18().eval()
+    torchvision_model.load_state_dict(torch.load(tmp_path / "back.pth"), strict=True)
+    with torch.no_grad():
+        for logits in (theirs(images).logits, timm_model(images), torchvision_model(images)):
+            assert max_abs_diff(logits, expected) <= 1e-5
+
+
+def test_convert_refuses_what_the_target_cannot_hold(tmp_path):
+    ResNetModel.from_preset("resnet50d").save_pretrained(tmp_path / "resnet50d")
+    result = run_cli("convert", str(tmp_path / "resnet50d"), str(tmp_path / "out.pth"), "--to", "torchvision")
+    assert result.returncode == 2 and "torchvision cannot represent resnet50d" in result.stderr
+    assert not (tmp_path / "out.pth").exists()

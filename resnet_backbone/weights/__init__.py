@@ -1,0 +1,20 @@
+"""Reading, writing and converting checkpoints of transformers, torchvision and timm."""
+
+from .architecture import infer_config
+from .export import export_problems, peer_state_dict
+from .files import read_state_dict, write_checkpoint
+from .layouts import from_canonical, to_canonical
+from .loading import CheckpointMismatchError, LoadReport, load_checkpoint
+
+__all__ = [
+    "CheckpointMismatchError",
+    "LoadReport",
+    "export_problems",
+    "from_canonical",
+    "infer_config",
+    "load_checkpoint",
+    "peer_state_dict",
+    "read_state_dict",
+    "to_canonical",
+    "write_checkpoint",
+]

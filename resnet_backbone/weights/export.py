@@ -1,0 +1,55 @@
+"""State dicts for torchvision's and timm's own models, refusing what those models cannot hold."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ResNetConfig
+from .architecture import peer_layout_of
+from .layouts import from_canonical, strip_known_prefixes
+
+PEER_LIBRARIES = ("torchvision", "timm")
+
+
+def peer_state_dict(model: nn.Module, library: str) -> dict[str, torch.Tensor]:
+    """``model``'s weights under ``library``'s keys; its ResNet (or features model) loads them strictly.
+
+    A backbone or ``ResNetModel`` has no ``fc``: load it into a headless peer (timm ``num_classes=0`` or
+    ``features_only``; torchvision ``IntermediateLayerGetter``). Frozen norms gain ``num_batches_tracked``
+    so that the peer's BatchNorm finds every key.
+    """
+    problems = export_problems(model.config, library)
+    if problems:
+        raise ValueError(f"{library} cannot represent this model: {'; '.join(problems)}.")
+    canonical = strip_known_prefixes(model.state_dict())
+    for key in [k for k in canonical if k.endswith(".running_var")]:
+        canonical.setdefault(key.replace("running_var", "num_batches_tracked"), torch.tensor(0))
+    return from_canonical(canonical, peer_layout_of(model.config))
+
+
+def export_problems(config: ResNetConfig, library: str) -> list[str]:
+    """Why ``library``'s ResNet cannot hold a model of ``config`` (empty when it can)."""
+    if library not in PEER_LIBRARIES:
+        raise ValueError(f"library must be one of {PEER_LIBRARIES}, got {library!r}.")
+    problems = []
+    if config.downsample_in_bottleneck:
+        problems.append("downsample_in_bottleneck=True (ResNet v1) has the stride in the 1x1 conv")
+    if config.downsample_in_first_stage:
+        problems.append("downsample_in_first_stage=True")
+    if config.stem_type == "default" and config.embedding_size != 64:
+        problems.append(f"embedding_size={config.embedding_size} (the default stem is 64 wide)")
+    if library == "torchvision":
+        expansion = 4 if config.layer_type == "bottleneck" else 1
+        standard = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        if config.hidden_sizes != standard:
+            problems.append(f"hidden_sizes={config.hidden_sizes} (torchvision's are {standard})")
+        if config.num_channels != 3:
+            problems.append(f"num_channels={config.num_channels}")
+        if config.stem_type != "default" or config.avg_down:
+            problems.append("the deep stem and avg_down (ResNet-D; use timm)")
+        if config.hidden_act != "relu":
+            problems.append(f"hidden_act={config.hidden_act!r}")
+        if config.norm_layer == "group":
+            problems.append("norm_layer='group'")
+    return problems

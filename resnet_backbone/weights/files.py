@@ -1,0 +1,154 @@
+"""Checkpoint files: safe reading, atomic writing, and finding them locally or on the Hugging Face Hub.
+
+Reading never unpickles arbitrary objects: safetensors first, and ``.bin``/``.pth`` files only through
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .layouts import extract_state_dict
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, on the CPU; a clear error for anything unsafe or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a file.")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"Refusing to load {path}: it holds Python objects other than tensors, and unpickling them could run "
+            f"arbitrary code. Re-save it as a plain state dict or as safetensors. ({str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
+    return extract_state_dict(loaded, source=str(path))
+
+
+def write_checkpoint(directory: str | os.PathLike, config_json: str, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically per file.
+
+    Both files are first written in full (and flushed to disk) under temporary names beside their targets,
+    then renamed over them. An interrupted save leaves the previous checkpoint as it was and no partial
+    file under a checkpoint name.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: list[Path] = []
+    try:
+        weights = _stage(directory, WEIGHTS_NAMES[0], _tensor_writer(state_dict, ".safetensors"))
+        staged.append(weights)
+        config = _stage(directory, CONFIG_NAME, lambda p: p.write_text(config_json, encoding="utf-8"))
+        staged.append(config)
+        os.replace(weights, directory / WEIGHTS_NAMES[0])
+        os.replace(config, directory / CONFIG_NAME)
+        _fsync(directory)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
+    return directory
+
+
+def write_state_dict_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write a state dict as safetensors (``.safetensors``) or a ``torch.save`` file (anything else),
+    atomically: readers see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(_stage(path.parent, path.name, _tensor_writer(state_dict, path.suffix)), path)
+    return path
+
+
+def _tensor_writer(state_dict: Mapping[str, torch.Tensor], suffix: str) -> Callable[[Path], object]:
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
+    if suffix == ".safetensors":
+        return lambda path: save_file(tensors, path, metadata={"format": "pt"})
+    return lambda path: torch.save(tensors, path)
+
+
+def _stage(directory: Path, name: str, write: Callable[[Path], object]) -> Path:
+    """Write a file under a hidden temporary name beside its target (same file system, so renaming is atomic)."""
+    path = directory / f".{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        write(path)
+        _fsync(path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def locate_checkpoint(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> tuple[Path | None, Path]:
+    """``(config.json or None, weights file)`` for a directory, a weights file, or a Hub repo id.
+
+    Hub files go through ``huggingface_hub``, so its cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` apply.
+    """
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        weights = next((path / name for name in WEIGHTS_NAMES if (path / name).is_file()), None)
+        if weights is None:
+            contents = sorted(p.name for p in path.iterdir())
+            raise ValueError(
+                f"{path} holds no weights: expected {' or '.join(WEIGHTS_NAMES)}, found {contents or 'nothing'}."
+            )
+        config = path / CONFIG_NAME
+        return (config if config.is_file() else None), weights
+    if path.is_file():
+        return None, path
+    if path.suffix in WEIGHTS_SUFFIXES or path.suffix == ".json" or str(path_or_repo_id).startswith((".", "/")):
+        raise ValueError(f"{path} does not exist.")
+    return _download(str(path_or_repo_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+
+
+def _download(repo_id: str, **hub_options) -> tuple[Path, Path]:
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, **hub_options))
+
+    try:
+        config = fetch(CONFIG_NAME)
+    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{repo_id!r} is neither a local directory or file nor a Hub repo whose config.json could be "
+            f"fetched ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
+    for name in WEIGHTS_NAMES:
+        try:
+            return config, fetch(name)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            continue
+    raise ValueError(f"The Hub repo {repo_id!r} has a config.json but none of {list(WEIGHTS_NAMES)}.")

@@ -1,0 +1,153 @@
+"""State-dict layouts: transformers' (this project's own) and torchvision's / timm's, as one key table.
+
+Keys are translated module path by module path (the parameter name after the last dot never changes).
+The tables below are the whole mapping, used in both directions. Placeholders: ``{stage}``, ``{block}``
+and ``{conv}`` count from 0; ``{stage1}`` and ``{conv1}`` are the same numbers counted from 1.
+
+The canonical form used internally is transformers' ``ResNetModel`` layout plus ``classifier.1.*``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+# Prefixes that wrappers add (DataParallel, detection frameworks, transformers' classifier).
+KNOWN_PREFIXES = ("module.", "backbone.body.", "backbone.", "model.", "resnet.")
+# Checkpoint files often nest the state dict under one of these keys.
+CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+_BLOCK = "encoder.stages.{stage}.layers.{block}"
+_PEER_BLOCK = "layer{stage1}.{block}"
+_STEM_RULES = {
+    "default": [("embedder.embedder.convolution", "conv1"), ("embedder.embedder.normalization", "bn1")],
+    # timm's deep stem is one Sequential (conv, bn, act, conv, bn, act, conv); its last norm is bn1.
+    "deep": [
+        ("embedder.embedder.0.convolution", "conv1.0"),
+        ("embedder.embedder.0.normalization", "conv1.1"),
+        ("embedder.embedder.1.convolution", "conv1.3"),
+        ("embedder.embedder.1.normalization", "conv1.4"),
+        ("embedder.embedder.2.convolution", "conv1.6"),
+        ("embedder.embedder.2.normalization", "bn1"),
+    ],
+}
+_BLOCK_RULES = [
+    (f"{_BLOCK}.layer.{{conv}}.convolution", f"{_PEER_BLOCK}.conv{{conv1}}"),
+    (f"{_BLOCK}.layer.{{conv}}.normalization", f"{_PEER_BLOCK}.bn{{conv1}}"),
+]
+# With avg_down, timm's downsample.0 is the average pool, so the conv and norm move up by one.
+_SHORTCUT_RULES = {
+    avg_down: [
+        (f"{_BLOCK}.shortcut.convolution", f"{_PEER_BLOCK}.downsample.{int(avg_down)}"),
+        (f"{_BLOCK}.shortcut.normalization", f"{_PEER_BLOCK}.downsample.{int(avg_down) + 1}"),
+    ]
+    for avg_down in (False, True)
+}
+_CLASSIFIER_RULES = [("classifier.1", "fc")]
+CLASSIFIER_PREFIXES = ("classifier.", "fc.")
+
+
+@dataclass(frozen=True)
+class PeerLayout:
+    """Which torchvision/timm key variant a checkpoint uses; torchvision's is the default one."""
+
+    stem_type: str = "default"
+    avg_down: bool = False
+
+
+def peer_rules(layout: PeerLayout) -> list[tuple[str, str]]:
+    """(canonical module path, torchvision/timm module path) templates for a layout."""
+    return [*_STEM_RULES[layout.stem_type], *_BLOCK_RULES, *_SHORTCUT_RULES[layout.avg_down], *_CLASSIFIER_RULES]
+
+
+def extract_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a loaded checkpoint, unwrapping ``{"state_dict": ...}``-style containers."""
+    while isinstance(loaded, Mapping) and not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        inner = next((loaded[key] for key in CONTAINER_KEYS if isinstance(loaded.get(key), Mapping)), None)
+        if inner is None:
+            raise ValueError(
+                f"{source} holds no state dict: expected tensors, or one of {list(CONTAINER_KEYS)} holding them; "
+                f"found keys {list(loaded)[:8]}."
+            )
+        loaded = inner
+    if not isinstance(loaded, Mapping) or not loaded:
+        found = f"an empty {type(loaded).__name__}" if isinstance(loaded, Mapping) else type(loaded).__name__
+        raise ValueError(f"{source} holds no tensors: expected a mapping of names to tensors, got {found}.")
+    return dict(loaded)
+
+
+def strip_known_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same mapping with wrapper prefixes dropped from every key."""
+    return {strip_prefixes(key): value for key, value in state_dict.items()}
+
+
+def strip_prefixes(key: str) -> str:
+    """``key`` without any leading wrapper prefixes (``module.backbone.body.conv1.weight`` -> ``conv1.weight``)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in KNOWN_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def detect_layout(keys: list[str]) -> PeerLayout | None:
+    """``None`` for transformers' layout, else the torchvision/timm variant; unknown keys are an error."""
+    if any(key.startswith(("embedder.", "encoder.")) for key in keys):
+        return None
+    if any(key.startswith(("conv1.", "layer1.")) for key in keys):
+        return PeerLayout(
+            stem_type="deep" if "conv1.0.weight" in keys else "default",
+            avg_down=any(re.match(r"layer\d+\.\d+\.downsample\.2\.", key) for key in keys),
+        )
+    sample = ", ".join(keys[:5])
+    raise ValueError(
+        "Unrecognised checkpoint layout: expected transformers keys (embedder.*, encoder.*) or torchvision/timm "
+        f"keys (conv1.*, layer1.*), got {len(keys)} keys starting with: {sample or '(none)'}."
+    )
+
+
+def to_canonical(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], PeerLayout | None]:
+    """Any supported layout -> canonical keys, and the peer layout it came from (``None``: transformers)."""
+    state_dict = strip_known_prefixes(extract_state_dict(state_dict, source="The checkpoint"))
+    layout = detect_layout(list(state_dict))
+    if layout is None:
+        return state_dict, None
+    rules = [(peer, ours) for ours, peer in peer_rules(layout)]
+    return {translate_key(key, rules): value for key, value in state_dict.items()}, layout
+
+
+def from_canonical(state_dict: Mapping[str, torch.Tensor], layout: PeerLayout) -> dict[str, torch.Tensor]:
+    """Canonical keys -> torchvision/timm keys of ``layout``; every key must translate."""
+    rules = peer_rules(layout)
+    peer_state_dict = {}
+    for key, value in state_dict.items():
+        peer_key = translate_key(key, rules)
+        if peer_key == key:
+            raise ValueError(f"{key!r} has no torchvision/timm equivalent.")
+        peer_state_dict[peer_key] = value
+    return peer_state_dict
+
+
+def translate_key(key: str, rules: list[tuple[str, str]]) -> str:
+    """Rewrite ``key``'s module path with the first matching (source, target) template; else unchanged."""
+    module_path, _, parameter = key.rpartition(".")
+    for source, target in rules:
+        match = _template_regex(source).fullmatch(module_path)
+        if match:
+            numbers = {name.rstrip("1"): int(value) - name.endswith("1") for name, value in match.groupdict().items()}
+            numbers.update({f"{name}1": value + 1 for name, value in list(numbers.items())})
+            return f"{target.format(**numbers)}.{parameter}"
+    return key
+
+
+@cache
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m[1]}>\\d+)", pattern)
+    return re.compile(pattern)
