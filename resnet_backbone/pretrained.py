@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from typing_extensions import Self
 
 from .blocks import _ResidualLayer
@@ -114,6 +118,7 @@ class ResNetTrunk(ResNetPreTrainedModel):
     """The stem (``embedder``) and the first ``num_stages`` stages (``encoder.stages``)."""
 
     def _build_trunk(self, num_stages: int) -> None:
+        self.grad_checkpointing = False
         self.stage_specs: list[StageSpec] = stage_specs(self.config)
         self.embedder = Embeddings(self.config)
         self.encoder = Encoder(self.config, num_stages)
@@ -150,6 +155,11 @@ class ResNetTrunk(ResNetPreTrainedModel):
                         norm.eval()
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each trainable stage in the backward pass instead of storing its activations
+        (non-reentrant ``torch.utils.checkpoint``; timm's name). Frozen stages and eval mode skip it."""
+        self.grad_checkpointing = enable
+
     def _output_options(self, output_hidden_states: bool | None, return_dict: bool | None) -> tuple[bool, bool]:
         """Per-call options, defaulting to the config's (transformers' convention)."""
         return (
@@ -161,12 +171,41 @@ class ResNetTrunk(ResNetPreTrainedModel):
         """The stem output, then the output of each of the first ``num_stages`` stages."""
         if not torch.jit.is_scripting():
             check_pixel_values(pixel_values, self.config.num_channels)
-        hidden_state = self.embedder(pixel_values)
-        hidden_states = [hidden_state]
-        for stage in self.encoder.stages[:num_stages]:
-            hidden_state = stage(hidden_state)
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        hidden_state, hidden_states = pixel_values, []
+        for index, stage in enumerate(self.stage_modules()[: num_stages + 1]):
+            if checkpointed and index >= self.config.freeze_at and not torch.jit.is_scripting():
+                hidden_state = _checkpointed(stage, hidden_state)
+            else:
+                hidden_state = stage(hidden_state)
             hidden_states.append(hidden_state)
         return hidden_states
+
+
+def _checkpointed(stage: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Compiled graphs are functional: their recomputation never touches the running statistics.
+        return checkpoint(stage, hidden_state, use_reentrant=False)
+    contexts = partial(_checkpoint_contexts, stage)
+    return checkpoint(stage, hidden_state, use_reentrant=False, context_fn=contexts)
+
+
+def _checkpoint_contexts(stage: nn.Module) -> tuple[AbstractContextManager, AbstractContextManager]:
+    return nullcontext(), _running_stats_restored(stage)
+
+
+@contextmanager
+def _running_stats_restored(module: nn.Module) -> Iterator[None]:
+    """Undo the running-statistics update of a checkpointed stage's recomputation, so BatchNorm sees each
+    batch once, as without checkpointing."""
+    buffers = [b for n in module.modules() if isinstance(n, NORM_TYPES) for b in n.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:  # recomputation may stop early, by raising
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
 
 
 def check_pixel_values(pixel_values: Any, num_channels: int) -> None:

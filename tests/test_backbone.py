@@ -239,3 +239,24 @@ def test_the_callers_config_is_never_mutated():
     backbone = ResNetBackbone(config, out_features=["stage1"])
     backbone.out_features = ["stem"]
     assert config.out_features == ["stage4"] and backbone.config is not config
+
+
+def test_grad_checkpointing_gives_identical_loss_gradients_and_statistics_and_skips_frozen_stages(images):
+    def train_step(checkpointing: bool):
+        torch.manual_seed(0)
+        backbone = ResNetBackbone(**TINY_BASIC, freeze_at=2, out_features=["stage2", "stage4"])
+        backbone.set_grad_checkpointing(checkpointing)
+        calls = [0] * len(backbone.stage_modules())
+        for index, module in enumerate(backbone.stage_modules()):
+            module.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+        loss = sum(f.square().mean() for f in backbone(images).feature_maps)
+        loss.backward()
+        gradients = [p.grad for p in backbone.parameters() if p.requires_grad]
+        return loss, gradients, list(backbone.buffers()), calls
+
+    loss, gradients, buffers, calls = train_step(False)
+    loss_ckpt, gradients_ckpt, buffers_ckpt, calls_ckpt = train_step(True)
+    assert torch.equal(loss, loss_ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(gradients, gradients_ckpt, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_ckpt, strict=True))  # BatchNorm saw each batch once
+    assert calls == [1, 1, 1, 1, 1] and calls_ckpt == [1, 1, 2, 2, 2]  # frozen stem and stage1 are not recomputed
