@@ -25,6 +25,13 @@ class ResNetBackbone(ResNetTrunk):
         backbone.channels, backbone.strides  # [512, 2048], [8, 32]
     """
 
+    # TorchScript compiles only what torchvision's scripted detectors call (the adapter's ResNetBody runs
+    # the stem and stages directly); the selection API and this forward stay Python.
+    __jit_unused_properties__ = [
+        "stage_names", "out_features", "out_indices", "num_features", "out_feature_channels",
+        "out_feature_strides", "channels", "strides",
+    ]  # fmt: skip
+
     def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._build_trunk(num_stages=max(self.config.out_indices, default=0))
@@ -89,6 +96,7 @@ class ResNetBackbone(ResNetTrunk):
 
     # ---------------------------------------------------------------- forward
 
+    @torch.jit.unused
     def forward(
         self,
         pixel_values: torch.Tensor,

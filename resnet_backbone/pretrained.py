@@ -16,9 +16,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import Self
 
+from ._errors import close_match_hint
 from .blocks import _ResidualLayer
 from .config import ResNetConfig
 from .layers import NORM_TYPES
+from .presets import PRESETS
 from .stages import Embeddings, Encoder, StageSpec, stage_specs
 from .weights.architecture import infer_config
 from .weights.export import peer_state_dict
@@ -42,6 +44,18 @@ class ResNetPreTrainedModel(nn.Module):
     def from_preset(cls, name: str, **overrides: Any) -> Self:
         """A randomly initialised model of a named architecture, e.g. ``from_preset("resnet50")``."""
         return cls(ResNetConfig.from_preset(name, **overrides))
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, **overrides: Any) -> Self:
+        """A preset name (random weights) or anything :meth:`from_pretrained` accepts (with weights)."""
+        if isinstance(source, str) and source in PRESETS:
+            return cls.from_preset(source, **overrides)
+        if isinstance(source, str) and not os.path.exists(source) and "/" not in source:
+            raise ValueError(
+                f"{source!r} is neither a preset{close_match_hint(source, PRESETS)} nor an existing path or Hub "
+                f"repo id. Presets: {', '.join(PRESETS)}."
+            )
+        return cls.from_pretrained(source, **overrides)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -123,9 +137,7 @@ class ResNetTrunk(ResNetPreTrainedModel):
         self.embedder = Embeddings(self.config)
         self.encoder = Encoder(self.config, num_stages)
         self._init_weights()
-        for module in self.frozen_modules():
-            module.requires_grad_(False)
-        self.train(self.training)
+        self.freeze(self.config.freeze_at)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -143,6 +155,13 @@ class ResNetTrunk(ResNetPreTrainedModel):
     def frozen_modules(self) -> list[nn.Module]:
         """The modules of ``stage_names[:freeze_at]`` (those that are built)."""
         return self.stage_modules()[: self.config.freeze_at]
+
+    def freeze(self, freeze_at: int) -> None:
+        """Freeze ``stage_names[:freeze_at]`` and unfreeze the rest (``config.freeze_at`` follows)."""
+        self.config = self.config.with_overrides(freeze_at=freeze_at)
+        for index, module in enumerate(self.stage_modules()):
+            module.requires_grad_(index >= freeze_at)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> ResNetTrunk:
         """Set train mode, except for norms that ``freeze_at`` or ``norm_eval`` keep in eval mode."""
@@ -171,15 +190,19 @@ class ResNetTrunk(ResNetPreTrainedModel):
         """The stem output, then the output of each of the first ``num_stages`` stages."""
         if not torch.jit.is_scripting():
             check_pixel_values(pixel_values, self.config.num_channels)
-        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         hidden_state, hidden_states = pixel_values, []
         for index, stage in enumerate(self.stage_modules()[: num_stages + 1]):
-            if checkpointed and index >= self.config.freeze_at and not torch.jit.is_scripting():
-                hidden_state = _checkpointed(stage, hidden_state)
-            else:
-                hidden_state = stage(hidden_state)
+            hidden_state = self._forward_stage(index, stage, hidden_state)
             hidden_states.append(hidden_state)
         return hidden_states
+
+    def _forward_stage(self, index: int, stage: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+        """Run ``stage`` (``stage_names[index]`` or a part of it, such as the stem before its max-pool),
+        recomputed in the backward pass under gradient checkpointing unless it is frozen."""
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointed and index >= self.config.freeze_at and not torch.jit.is_scripting():
+            return _checkpointed(stage, hidden_state)
+        return stage(hidden_state)
 
 
 def _checkpointed(stage: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
