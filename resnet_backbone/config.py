@@ -285,6 +285,12 @@ class ResNetConfig:
             )
         for name in ("norm_eval", "zero_init_residual"):
             _require_bool(name, getattr(self, name))
+        if self.norm_layer == "sync_batch" and self.norm_eval:
+            warnings.warn(
+                "norm_layer='sync_batch' with norm_eval=True: norm_eval keeps every norm in eval mode, so the "
+                "statistics are never synchronised (nor updated). Use one or the other.",
+                stacklevel=3,
+            )
         rate = self.drop_path_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}.")

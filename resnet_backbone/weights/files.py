@@ -73,10 +73,16 @@ def write_checkpoint(directory: str | os.PathLike, config_json: str, state_dict:
 
 def write_state_dict_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor]) -> Path:
     """Write a state dict as safetensors (``.safetensors``) or a ``torch.save`` file (anything else),
-    atomically: readers see the old file or the complete new one."""
+    atomically."""
+    return atomic_write(path, _tensor_writer(state_dict, Path(path).suffix))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Run ``write(temporary_path)`` and rename the result over ``path``: readers see the old file or the
+    complete new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_stage(path.parent, path.name, _tensor_writer(state_dict, path.suffix)), path)
+    os.replace(_stage(path.parent, path.name, write), path)
     return path
 
 

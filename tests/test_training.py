@@ -1,0 +1,139 @@
+"""Fine-tuning at scale: the train entry point, resuming, DDP under torchrun, SyncBatchNorm conversion."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import TINY_BASIC
+from torch import nn
+from torchvision.utils import save_image
+
+from resnet_backbone import ResNetBackbone, ResNetConfig
+from resnet_backbone.distributed import convert_sync_batchnorm
+from resnet_backbone.synthetic import render_scene
+from resnet_backbone.train import main as train_main
+
+TINY_RUN = ["--train-images", "16", "--image-size", "64", "--batch-size", "4", "--precision", "fp32"]
+
+
+def _losses(directory) -> list[float]:
+    return [json.loads(line)["loss"] for line in (directory / "losses.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_continues_the_loss_curve_exactly(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert train_main([*TINY_RUN, "--steps", "6", "--output-dir", str(straight)]) == 0
+    assert train_main([*TINY_RUN, "--steps", "6", "--output-dir", str(interrupted), "--stop-at-step", "3"]) == 0
+    assert len(_losses(interrupted)) == 3
+    assert train_main([*TINY_RUN, "--steps", "6", "--output-dir", str(interrupted), "--resume"]) == 0
+    assert _losses(interrupted) == _losses(straight)
+    assert len(set(_losses(straight))) == 6  # the loss really changes from step to step
+    backbone = ResNetBackbone.from_pretrained(straight / "backbone")
+    assert backbone.out_features == ["stage2", "stage3", "stage4"]  # FCOS's levels
+
+
+def test_resume_without_a_checkpoint_and_sync_bn_on_cpu_are_clear_errors(tmp_path, capsys):
+    assert train_main([*TINY_RUN, "--steps", "2", "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "--resume needs a checkpoint" in capsys.readouterr().err
+    assert train_main([*TINY_RUN, "--steps", "2", "--output-dir", str(tmp_path), "--sync-bn"]) == 2
+    assert "torch has no CPU implementation" in capsys.readouterr().err
+
+
+def test_ddp_under_torchrun_keeps_both_ranks_identical(tmp_path):
+    command = [
+        shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "resnet_backbone.train", *TINY_RUN,
+        "--batch-size", "2", "--steps", "3", "--out-features", "stage2", "stage3", "--trainable-layers", "4",
+        "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "training 3 steps on 2 process(es)" in result.stdout
+    digests = re.search(r"parameter digests per rank: \['(\w+)', '(\w+)'\] \(identical\)", result.stdout)
+    assert digests and digests[1] == digests[2]
+    assert "find_unused_parameters" not in result.stderr and len(_losses(tmp_path)) == 3
+    backbone = ResNetBackbone.from_pretrained(tmp_path / "backbone")
+    assert backbone.out_features == ["stage2", "stage3"] and len(backbone.encoder.stages) == 3
+
+
+def test_training_reads_a_coco_folder(tmp_path):
+    images, annotations, categories = tmp_path / "images", [], [{"id": 1, "name": "circle"}]
+    images.mkdir()
+    for index in range(8):
+        scene = render_scene(index, size=64)
+        save_image(scene.image, images / f"{index}.png")
+        for box, label in zip(scene.boxes.tolist(), scene.labels.tolist()):
+            x1, y1, x2, y2 = box
+            width, height = x2 - x1, y2 - y1
+            annotation = {"image_id": index, "category_id": label, "bbox": [x1, y1, width, height]}
+            annotations.append({**annotation, "id": len(annotations) + 1, "area": width * height, "iscrowd": 0})
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(8)],
+        "annotations": annotations,
+        "categories": categories + [{"id": 2, "name": "square"}, {"id": 3, "name": "triangle"}],
+    }
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    output = tmp_path / "run"
+    args = [*TINY_RUN, "--steps", "2", "--data", str(tmp_path), "--output-dir", str(output)]
+    assert train_main([*args, "--detector", "fasterrcnn"]) == 0
+    assert len(_losses(output)) == 2 and all(loss == loss for loss in _losses(output))
+
+
+# ---------------------------------------------------------------- SyncBatchNorm
+
+
+def test_sync_batchnorm_conversion_leaves_frozen_stages_frozen():
+    backbone = ResNetBackbone(**TINY_BASIC, freeze_at=2).train()
+    head = nn.Sequential(nn.Conv2d(96, 8, 1), nn.BatchNorm2d(8))
+    model = convert_sync_batchnorm(nn.ModuleDict({"backbone": backbone, "head": head}))
+    frozen, trainable = backbone.stage_modules()[:2], backbone.stage_modules()[2:]
+
+    def norms(modules):
+        return [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    assert norms(frozen) and not any(isinstance(m, nn.SyncBatchNorm) for m in norms(frozen))
+    assert norms(trainable) and all(isinstance(m, nn.SyncBatchNorm) for m in norms(trainable))
+    assert isinstance(model["head"][1], nn.SyncBatchNorm)
+    model.train()
+    assert not any(m.training for m in norms(frozen)) and all(m.training for m in norms(trainable))
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+
+
+def test_frozen_batch_norm_is_never_converted():
+    backbone = ResNetBackbone(**TINY_BASIC, norm_layer="frozen_batch")
+    convert_sync_batchnorm(backbone)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in backbone.modules())
+
+
+def test_contradictory_norm_settings_warn():
+    with pytest.warns(UserWarning, match="never synchronised"):
+        ResNetConfig(norm_layer="sync_batch", norm_eval=True)
+    with pytest.warns(UserWarning, match="never synchronised"):
+        convert_sync_batchnorm(ResNetBackbone(**TINY_BASIC, norm_eval=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ResNetConfig(norm_layer="sync_batch")
+
+
+def test_the_module_entry_point_runs_as_a_script(tmp_path):
+    command = [sys.executable, "-m", "resnet_backbone.train", *TINY_RUN, "--steps", "1", "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training 1 steps on 1 process(es)" in result.stdout and torch.load(tmp_path / "checkpoint.pt")["step"] == 1
+
+
+def test_segmentation_trains_an_smp_model_whose_encoder_starts_from_given_weights(tmp_path):
+    start = ResNetBackbone.from_preset("resnet18")
+    start.save_pretrained(tmp_path / "start")
+    args = [*TINY_RUN, "--task", "segmentation", "--segmenter", "fpn", "--steps", "1", "--lr", "0"]
+    assert train_main([*args, "--weights", str(tmp_path / "start"), "--output-dir", str(tmp_path / "run")]) == 0
+    assert len(_losses(tmp_path / "run")) == 1
+    trained = ResNetBackbone.from_pretrained(tmp_path / "run" / "backbone").state_dict()
+    convolutions = [key for key in trained if key.endswith("convolution.weight")]
+    assert convolutions and all(torch.equal(trained[key], start.state_dict()[key]) for key in convolutions)
