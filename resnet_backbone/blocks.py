@@ -72,9 +72,11 @@ class _ResidualLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        residual = self.shortcut(hidden_state)
+        # The main branch first, as torchvision and transformers: the projection is then not held in memory
+        # while the branch runs.
+        residual = hidden_state
         hidden_state = self.drop_path(self.layer(hidden_state))
-        hidden_state += residual
+        hidden_state += self.shortcut(residual)
         return self.activation(hidden_state)
 
     def last_norm(self) -> nn.Module:

@@ -1,0 +1,99 @@
+"""How a case runs: precision, memory format, compilation, this project's fast path, or a training step."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnet_backbone import optimize_for_inference
+from resnet_backbone.inference import FLOAT32_TOLERANCE, LOW_PRECISION_TOLERANCE
+
+from .peers import feature_maps
+
+
+@dataclass(frozen=True)
+class Mode:
+    """``dtype`` is the precision of the arithmetic: it picks the matmul peak and the output tolerance."""
+
+    name: str
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    autocast: bool = False
+    compile: bool = False
+    frozen: bool = False  # compiled with inductor's freezing (its documented inference setting), not the defaults
+    fast_path: bool = False
+    training: bool = False
+
+    @property
+    def tolerance(self) -> float:
+        """Max abs difference from the float32 reference, as a fraction of the feature scale."""
+        return FLOAT32_TOLERANCE if self.dtype == torch.float32 else LOW_PRECISION_TOLERANCE
+
+
+EAGER_FP32 = Mode("eager fp32")
+TRAINING_FP32 = Mode("train step fp32", training=True)
+# Every library runs these. The compiled ones are the peers' best: channels_last and bf16 autocast, with
+# torch.compile as it comes, and with inductor's freezing (the weights become constants).
+_BEST_PEER_SETTINGS = dict(dtype=torch.bfloat16, channels_last=True, autocast=True, compile=True)
+PEER_COMPILED = Mode("compiled bf16 autocast channels_last", **_BEST_PEER_SETTINGS)
+LIBRARY_MODES = (
+    EAGER_FP32,
+    Mode("eager fp32 channels_last", channels_last=True),
+    Mode("eager bf16 autocast", dtype=torch.bfloat16, autocast=True),
+    PEER_COMPILED,
+    Mode("compiled frozen bf16 autocast channels_last", **_BEST_PEER_SETTINGS, frozen=True),
+)
+# This project only: optimize_for_inference (channels_last weights), given the same float32 channels_last
+# input as the peers' channels_last modes.
+FAST_PATH_FP32 = Mode("fast path fp32", channels_last=True, fast_path=True)
+BEST_MODE = Mode("fast path bf16 compiled", dtype=torch.bfloat16, channels_last=True, fast_path=True, compile=True)
+FAST_PATH_MODES = (
+    FAST_PATH_FP32,
+    Mode("fast path bf16", dtype=torch.bfloat16, channels_last=True, fast_path=True),
+    Mode("fast path fp32 compiled", channels_last=True, fast_path=True, compile=True),
+    BEST_MODE,
+)
+
+
+def prepare(mode: Mode, model: nn.Module, pixel_values: torch.Tensor) -> Callable[[], Any]:
+    """A call that runs ``model`` on ``pixel_values`` in ``mode``; the caller's model is left as it is."""
+    if mode.training:
+        return _training_step(copy.deepcopy(model).train(), pixel_values)
+    if mode.channels_last:
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    if mode.fast_path:
+        model = optimize_for_inference(model, dtype=mode.dtype, compile=mode.compile)
+    else:
+        model = copy.deepcopy(model)
+        if mode.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if mode.frozen:
+            # As compile_for_inference, but with inductor's freezing only: Dynamo reads it from the global
+            # config while tracing, with gradients off. dynamic=False keeps this compilation from reusing the
+            # unfrozen one of the plain compiled mode (Dynamo shares entries between equal compile settings).
+            frozen = torch._inductor.config.patch(freezing=True)
+            model._compiled_call_impl = frozen(torch.no_grad()(torch.compile(model._call_impl, dynamic=False)))
+        elif mode.compile:
+            model = torch.compile(model)
+    device_type = pixel_values.device.type
+
+    def run() -> Any:
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=mode.autocast):
+            return model(pixel_values)
+
+    return run
+
+
+def _training_step(model: nn.Module, pixel_values: torch.Tensor) -> Callable[[], Any]:
+    def step() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        maps = feature_maps(model(pixel_values))
+        sum(feature_map.mean() for feature_map in maps).backward()
+        return maps
+
+    return step

@@ -1,0 +1,100 @@
+"""The printed report (Markdown tables, readable in a terminal and pasteable into the README) and the JSON file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .results import CaseResult, SuiteResult, WorkloadResult
+
+CASE_COLUMNS = ("library", "mode", "median ms", "min-max ms", "images/s", "speedup", "GFLOP/s", "% of peak")
+CASE_COLUMNS += ("max diff", "first call s")
+
+
+def format_report(result: SuiteResult) -> str:
+    machine = result.machine
+    lines = [
+        f"{machine['processor']} ({machine['device']}, {machine['torch_threads']} threads, "
+        f"{machine['cpu_capability']}), torch {machine['torch']}, {machine['date']}, load average before the run "
+        f"{machine['load_average_1min_at_start']:.2f}"
+    ]
+    sweep = [workload for workload in result.workloads if workload.kind == "sweep"]
+    for workload in result.workloads:
+        if workload.kind != "sweep":
+            lines += ["", _workload_heading(workload), "", format_table(*_case_table(workload))]
+    for architecture in dict.fromkeys(workload.architecture for workload in sweep):
+        lines += ["", f"{architecture} resolution sweep, batch 1: ms per image (outputs checked as above)", ""]
+        lines.append(format_table(*_sweep_table([w for w in sweep if w.architecture == architecture])))
+    if result.targets:
+        lines += ["", f"targets ({result.targets[0].workload})", ""]
+        rows = [
+            (t.name, f">= {t.threshold:g}", "not run" if t.measured is None else f"{t.measured:.2f}", _verdict(t.met))
+            for t in result.targets
+        ]
+        lines.append(format_table(("target", "required", "measured", "met"), rows))
+    lines += ["", f"wall time {result.wall_s:.0f} s"]
+    return "\n".join(lines)
+
+
+def _workload_heading(workload: WorkloadResult) -> str:
+    peaks = ", ".join(f"{dtype} {gflops:.0f}" for dtype, gflops in workload.matmul_peak_gflops.items())
+    return (
+        f"{workload.label}: {workload.flops / 1e9:.1f} GFLOP per call; matmul peak in the same rounds (GFLOP/s): "
+        f"{peaks}. Speedup and outputs against {workload.reference}; every max diff (a fraction of the feature "
+        "scale) is within its mode's tolerance."
+    )
+
+
+def _case_table(workload: WorkloadResult) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    training = workload.kind == "training"
+    header = CASE_COLUMNS + (("peak MiB",) if training else ())
+    return header, [_case_row(case, training) for case in workload.cases]
+
+
+def _case_row(case: CaseResult, training: bool) -> tuple[str, ...]:
+    cells = (
+        case.library,
+        case.mode,
+        f"{case.median_ms:.1f}",
+        f"{case.min_ms:.1f}-{case.max_ms:.1f}",
+        f"{case.images_per_s:.1f}",
+        f"{case.speedup:.2f}x",
+        f"{case.gflops_per_s:.0f}",
+        f"{case.fraction_of_peak:.0%}",
+        f"{case.max_relative_diff:.1e}",
+        f"{case.first_call_s:.1f}",
+    )
+    return cells + ((f"{case.peak_memory_mib:.0f}",) if training else ())
+
+
+def _sweep_table(sweep: list[WorkloadResult]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    header = ("library", "mode", *(f"{workload.size}px" for workload in sweep), "GFLOP/s at the largest")
+    rows = [
+        (
+            first.library,
+            first.mode,
+            *(f"{workload.case(first.library, first.mode).median_ms:.1f}" for workload in sweep),
+            f"{sweep[-1].case(first.library, first.mode).gflops_per_s:.0f}",
+        )
+        for first in sweep[0].cases
+    ]
+    return header, rows
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "-"}[met]
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A Markdown table with padded columns."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), line(tuple("-" * width for width in widths)), *map(line, rows)])
+
+
+def write_json(result: SuiteResult, path: Path) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")

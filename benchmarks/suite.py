@@ -1,0 +1,107 @@
+"""The command line of the suite (``python -m benchmarks``, ``resnet-backbone bench``) and the whole run."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .machine import PEAK_DTYPES, describe_machine
+from .peers import ARCHITECTURES, build_peers
+from .plot import write_plot
+from .report import format_report, write_json
+from .results import SuiteResult
+from .targets import evaluate_targets
+from .workloads import Settings, plan, run_workload
+
+DEFAULT_RUNS = dict(
+    inference_shapes=((4, 224), (1, 640)),
+    training_shape=(4, 224),
+    sweep_sizes=(224, 384, 512, 640, 800, 1024),
+    rounds=7,
+    warmup=2,
+    matmul_size=2048,
+)
+# Seconds on any machine: proves the whole pipeline (outputs checked, files written), measures nothing.
+SMOKE_RUNS = dict(
+    inference_shapes=((1, 32),),
+    training_shape=(2, 32),
+    sweep_sizes=(32, 48),
+    rounds=1,
+    warmup=0,
+    matmul_size=128,
+)
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Compare this project's ResNetBackbone with torchvision, timm and transformers (same weights, "
+        "same inputs, outputs checked equal), in one process with interleaved rounds.",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=ARCHITECTURES, default=["resnet50"], help="architectures (default: resnet50)"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes (minutes on a CPU)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, resnet18, no compile: checks that the suite runs"
+    )
+    parser.add_argument("--rounds", type=int, help=f"timed rounds per workload (default {DEFAULT_RUNS['rounds']})")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, here %(default)s)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("benchmark-results"), help="for results.json and results.png"
+    )
+    parser.set_defaults(threads=torch.get_num_threads())
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") -> int:
+    args = build_parser(prog).parse_args(argv)
+    runs = SMOKE_RUNS if args.smoke else DEFAULT_RUNS
+    settings = Settings(
+        architectures=("resnet18",) if args.smoke else tuple(args.models),
+        compile=not (args.smoke or args.no_compile),
+        **{**runs, "rounds": args.rounds or runs["rounds"]},
+    )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the fastest convolution algorithm for each shape
+    result = run_suite(settings, device)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(result, args.output_dir / "results.json")
+    write_plot(result, args.output_dir / "results.png")
+    print(format_report(result))
+    print(f"\nwrote {args.output_dir / 'results.json'} and {args.output_dir / 'results.png'}")
+    return 0
+
+
+def run_suite(settings: Settings, device: torch.device) -> SuiteResult:
+    started = time.perf_counter()
+    workloads = plan(settings)
+    timed = settings.warmup + settings.rounds
+    calls = sum(len(w.cases) * (1 + timed) + len(PEAK_DTYPES) * timed for w in workloads)
+    result = SuiteResult(machine=describe_machine(device), settings=asdict(settings))
+    with tqdm(total=calls, unit="call") as progress:
+        for architecture in settings.architectures:
+            models = {library: model.to(device) for library, model in build_peers(architecture).items()}
+            for workload in (w for w in workloads if w.architecture == architecture):
+                measured = run_workload(
+                    workload,
+                    models,
+                    rounds=settings.rounds,
+                    warmup=settings.warmup,
+                    matmul_size=settings.matmul_size,
+                    device=device,
+                    progress=progress,
+                )
+                result.workloads.append(measured)
+            result.targets += evaluate_targets(next(w for w in result.workloads if w.architecture == architecture))
+    result.wall_s = time.perf_counter() - started
+    return result

@@ -1,0 +1,158 @@
+"""The workloads (inference, a training step, a resolution sweep) and running one of them: build every case,
+check its outputs against the reference, time all cases interleaved, derive throughput and efficiency."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .counters import count_flops, peak_memory_bytes
+from .machine import matmul_runs
+from .modes import EAGER_FP32, FAST_PATH_MODES, LIBRARY_MODES, TRAINING_FP32, Mode, prepare
+from .peers import LIBRARIES, feature_maps
+from .results import CaseResult, WorkloadResult
+from .timing import time_interleaved
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run measures; ``inference_shapes`` and ``training_shape`` are (batch, size) pairs."""
+
+    architectures: tuple[str, ...]
+    inference_shapes: tuple[tuple[int, int], ...]
+    training_shape: tuple[int, int]
+    sweep_sizes: tuple[int, ...]
+    compile: bool
+    rounds: int
+    warmup: int
+    matmul_size: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One input shape and the (library, mode) cases run on it; the first case is the reference."""
+
+    kind: str
+    architecture: str
+    batch: int
+    size: int
+    cases: tuple[tuple[str, Mode], ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.architecture} {self.kind} {self.batch}x3x{self.size}x{self.size}"
+
+
+def plan(settings: Settings) -> list[Workload]:
+    """Inference with every library and mode (the compiled ones at the first shape only: each costs about
+    ten seconds of compiling per model and shape on two cores); a training step per library; the sweep with
+    every library eager and the fast path uncompiled."""
+    inference = [(library, mode) for mode in LIBRARY_MODES for library in LIBRARIES]
+    inference += [("resnet_backbone", mode) for mode in FAST_PATH_MODES]
+    uncompiled = tuple(case for case in inference if not case[1].compile)
+    sweep = tuple((library, EAGER_FP32) for library in LIBRARIES)
+    sweep += tuple(("resnet_backbone", mode) for mode in FAST_PATH_MODES if not mode.compile)
+    training = tuple((library, TRAINING_FP32) for library in LIBRARIES)
+    (first_batch, first_size), *other_shapes = settings.inference_shapes
+    workloads = []
+    for architecture in settings.architectures:
+        first_cases = tuple(inference) if settings.compile else uncompiled
+        workloads.append(Workload("inference", architecture, first_batch, first_size, first_cases))
+        workloads += [Workload("inference", architecture, *shape, uncompiled) for shape in other_shapes]
+        workloads.append(Workload("training", architecture, *settings.training_shape, training))
+        workloads += [Workload("sweep", architecture, 1, size, sweep) for size in settings.sweep_sizes]
+    return workloads
+
+
+def run_workload(
+    workload: Workload,
+    models: dict[str, nn.Module],
+    *,
+    rounds: int,
+    warmup: int,
+    matmul_size: int,
+    device: torch.device,
+    progress: tqdm,
+) -> WorkloadResult:
+    """Measure every case of ``workload`` and the matmul peaks in the same rounds; raise if any case's
+    outputs differ from the reference's."""
+    progress.set_description(workload.label)
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(workload.batch, 3, workload.size, workload.size, generator=generator).to(device)
+    runs, first_call_s, differences = {}, {}, {}
+    reference_maps: list[torch.Tensor] = []
+    for library, mode in workload.cases:
+        run = prepare(mode, models[library], pixel_values)
+        started = time.perf_counter()
+        maps = feature_maps(run())
+        first_call_s[library, mode] = time.perf_counter() - started
+        reference_maps = reference_maps or maps
+        differences[library, mode] = _checked_difference(
+            reference_maps, maps, mode.tolerance, f"{workload.label}, {library} {mode.name}"
+        )
+        runs[library, mode] = run
+        progress.update()
+    matmuls = matmul_runs(device, matmul_size)
+    timings = time_interleaved({**runs, **matmuls}, rounds=rounds, warmup=warmup, device=device, progress=progress)
+    peaks = {dtype: count_flops(run)[0] / timings.pop(dtype).median / 1e9 for dtype, run in matmuls.items()}
+    reference = workload.cases[0]
+    flops, _ = count_flops(runs[reference])
+    memory = {key: peak_memory_bytes(run) for key, run in runs.items()} if workload.kind == "training" else {}
+    torch._dynamo.reset()  # frees the compiled graphs, and their recompilation budget, for the next workload
+    cases = []
+    for (library, mode), timing in timings.items():
+        dtype = str(mode.dtype).removeprefix("torch.")
+        cases.append(
+            CaseResult(
+                library=library,
+                mode=mode.name,
+                dtype=dtype,
+                median_ms=timing.median * 1e3,
+                min_ms=timing.min * 1e3,
+                max_ms=timing.max * 1e3,
+                first_call_s=first_call_s[library, mode],
+                images_per_s=workload.batch / timing.median,
+                speedup=timings[reference].median / timing.median,
+                gflops_per_s=flops / timing.median / 1e9,
+                fraction_of_peak=flops / timing.median / 1e9 / peaks[dtype],
+                max_relative_diff=differences[library, mode],
+                tolerance=mode.tolerance,
+                peak_memory_mib=memory[library, mode] / 2**20 if memory else None,
+            )
+        )
+    return WorkloadResult(
+        label=workload.label,
+        kind=workload.kind,
+        architecture=workload.architecture,
+        batch=workload.batch,
+        size=workload.size,
+        flops=flops,
+        matmul_peak_gflops=peaks,
+        reference=f"{reference[0]} {reference[1].name}",
+        outputs_checked=True,
+        cases=cases,
+    )
+
+
+def _checked_difference(
+    reference: list[torch.Tensor], actual: list[torch.Tensor], tolerance: float, case: str
+) -> float:
+    """Max abs difference from the reference over all feature maps, as a fraction of each map's scale."""
+    if [tuple(t.shape) for t in actual] != [tuple(t.shape) for t in reference]:
+        raise RuntimeError(
+            f"{case}: feature map shapes {[tuple(t.shape) for t in actual]} differ from the reference's."
+        )
+    difference = max(
+        ((expected.float() - feature_map.float()).abs().max() / expected.abs().max()).item()
+        for expected, feature_map in zip(reference, actual)
+    )
+    if not difference <= tolerance:
+        raise RuntimeError(
+            f"{case}: outputs differ from the reference by {difference:.3g} of the feature scale (tolerance "
+            f"{tolerance:g}); a model that computes something else is not timed."
+        )
+    return difference

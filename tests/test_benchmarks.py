@@ -1,0 +1,93 @@
+"""The benchmark suite through its real entry points: the smoke run goes end to end, checks every case's
+outputs against the reference before timing, and writes its files. Timings are never asserted: the CPU is
+shared, and the suite's numbers belong in the README, not in a test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tqdm import tqdm
+
+from resnet_backbone.cli import benchmark_suite, main
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+LIBRARIES = {"torchvision", "resnet_backbone", "timm", "transformers"}
+
+
+def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsys):
+    assert main(["bench", "--smoke", "--output-dir", str(tmp_path)]) == 0
+
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [w["kind"] for w in result["workloads"]] == ["inference", "training", "sweep", "sweep"]
+    for workload in result["workloads"]:
+        assert workload["outputs_checked"] and workload["reference"].startswith("torchvision ")
+        assert {case["library"] for case in workload["cases"]} == LIBRARIES
+        assert (workload["cases"][0]["library"], workload["cases"][0]["speedup"]) == ("torchvision", 1.0)
+        for case in workload["cases"]:
+            assert 0 <= case["max_relative_diff"] <= case["tolerance"], (workload["label"], case["mode"])
+    modes = {case["mode"] for case in result["workloads"][0]["cases"]}
+    assert {"eager fp32 channels_last", "eager bf16 autocast", "fast path fp32", "fast path bf16"} <= modes
+    assert not any("compiled" in mode for mode in modes)
+    (training,) = (w for w in result["workloads"] if w["kind"] == "training")
+    assert all(case["peak_memory_mib"] > 0 for case in training["cases"])
+    assert all(set(w["matmul_peak_gflops"]) == {"float32", "bfloat16"} for w in result["workloads"])
+    assert [target["met"] for target in result["targets"]][2:5] == [None, None, None]  # compiled modes skipped
+
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+    printed = capsys.readouterr().out
+    assert "| torchvision     | eager fp32 " in printed and "fast path float32 (no compile)" in printed
+
+
+def test_a_peer_that_computes_something_else_is_refused_before_timing():
+    benchmark_suite()
+    from benchmarks.modes import EAGER_FP32
+    from benchmarks.peers import build_peers
+    from benchmarks.workloads import Workload, run_workload
+
+    models = build_peers("resnet18")
+    with torch.no_grad():
+        models["timm"].layer4[-1].conv2.weight.mul_(1.01)
+    workload = Workload("inference", "resnet18", 1, 32, (("torchvision", EAGER_FP32), ("timm", EAGER_FP32)))
+    with pytest.raises(RuntimeError, match="timm eager fp32: outputs differ from the reference by .* of the feature"):
+        run_workload(
+            workload,
+            models,
+            rounds=1,
+            warmup=0,
+            matmul_size=8,
+            device=torch.device("cpu"),
+            progress=tqdm(disable=True),
+        )
+
+
+def test_python_m_benchmarks_runs_from_the_repository_root():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"], cwd=REPOSITORY, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m benchmarks") and "--smoke" in result.stdout
+
+
+def test_bench_outside_a_clone_says_where_the_suite_lives(tmp_path):
+    """A regular install (the wheel's layout, copied here) has no benchmarks/ folder next to the package."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPOSITORY / "resnet_backbone", tmp_path / "resnet_backbone", ignore=ignore)
+    shutil.copytree(REPOSITORY / "adapters", tmp_path / "resnet_backbone" / "adapters", ignore=ignore)
+    code = "import sys; from resnet_backbone.cli import main; sys.exit(main(['bench', '--smoke']))"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "the benchmark suite is not installed with the package" in result.stderr
+    assert "pip install -e . there" in result.stderr
