@@ -3,6 +3,7 @@
 from .backbone import ResNetBackbone
 from .classification import ResNetForImageClassification, ResNetModel
 from .config import ResNetConfig
+from .inference import optimize_for_inference
 from .out_features import align_out_features
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
@@ -20,4 +21,5 @@ __all__ = [
     "ResNetForImageClassification",
     "ResNetModel",
     "align_out_features",
+    "optimize_for_inference",
 ]

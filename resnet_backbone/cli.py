@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
+from .adapters.torchvision import resnet_fpn_backbone
+from .backbone import ResNetBackbone
 from .config import ResNetConfig
+from .demo import DemoOptions, run_demo
+from .deploy import export_onnx, onnx_max_abs_diff, output_names, size_divisor
 from .info import format_stage_table, stage_rows
 from .presets import PRESETS
+from .train import add_arguments as add_training_arguments
+from .train import run as run_training
 from .weights.convert import FORMATS, convert
 
 
@@ -51,6 +59,52 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"max abs difference between the two libraries' outputs on one random input: {result.max_abs_diff:.3g}")
 
 
+def _run_demo(args: argparse.Namespace) -> None:
+    options = DemoOptions(
+        epochs=args.epochs, image_size=args.image_size, preset=args.preset, weights=args.weights,
+        output_dir=Path(args.output_dir), train_images=args.train_images, eval_images=args.eval_images,
+        precision=args.precision,
+    )  # fmt: skip
+    run_demo(options)
+
+
+def _run_export_onnx(args: argparse.Namespace) -> None:
+    out_features = args.out_features or (["stage1", "stage2", "stage3", "stage4"] if args.fpn else None)
+    model = ResNetBackbone.load(args.model, **({"out_features": out_features} if out_features else {}))
+    if args.fpn:
+        model = resnet_fpn_backbone(model, out_features=out_features)
+    path = export_onnx(model, args.output, opset=args.opset)
+    print(f"wrote {path}: input pixel_values, outputs {output_names(model)} (dynamic batch, height, width)")
+    divisor = size_divisor(model)
+    sizes = [(1, 2 * divisor, 3 * divisor), (2, 5 * divisor, 4 * divisor)]
+    difference = onnx_max_abs_diff(path, model, sizes)
+    print(f"onnxruntime vs PyTorch at {sizes} (batch, height, width): max abs difference {difference:.3g}")
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    benchmark_suite().main(args.arguments, prog="resnet-backbone bench")
+
+
+def benchmark_suite() -> ModuleType:
+    """The repository's ``benchmarks/`` package, found next to this package's source: it is not installed
+    (it needs the peer libraries and writes result files), so this works from a clone installed with
+    ``pip install -e .``, from any directory."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not (folder / "__main__.py").is_file():
+        raise ValueError(
+            f"the benchmark suite is not installed with the package: it lives in the repository's benchmarks/ "
+            f"folder, and this package was loaded from {Path(__file__).parent}, outside a clone. Clone the "
+            "repository, pip install -e . there, and run resnet-backbone bench (or python -m benchmarks)."
+        )
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    suite = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = suite
+    spec.loader.exec_module(suite)
+    return suite
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-backbone", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -69,6 +123,37 @@ def build_parser() -> argparse.ArgumentParser:
     converter.add_argument("--from", dest="source_format", choices=("auto", *FORMATS), default="auto")
     converter.add_argument("--to", dest="target_format", choices=FORMATS, default="hf")
     converter.set_defaults(run=_run_convert)
+
+    demo = verbs.add_parser("demo", help="fine-tune an FCOS detector on synthetic shapes, on the CPU, and show it")
+    defaults = DemoOptions()
+    demo.add_argument("--epochs", type=int, default=defaults.epochs)
+    demo.add_argument("--image-size", type=int, default=defaults.image_size, metavar="PIXELS")
+    demo.add_argument("--preset", default=defaults.preset, choices=PRESETS, metavar="PRESET")
+    demo.add_argument("--weights", help="checkpoint to start from: anything from_pretrained accepts")
+    demo.add_argument("--output-dir", default=str(defaults.output_dir), metavar="DIR")
+    demo.add_argument("--train-images", type=int, default=defaults.train_images, metavar="N")
+    demo.add_argument("--eval-images", type=int, default=defaults.eval_images, metavar="N")
+    demo.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=defaults.precision,
+                      help="auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32")  # fmt: skip
+    demo.set_defaults(run=_run_demo)
+
+    trainer = verbs.add_parser("train", help="fine-tune a detector or segmenter, alone or under torchrun")
+    add_training_arguments(trainer).set_defaults(run=run_training)
+
+    onnx = verbs.add_parser("export-onnx", help="export to ONNX (dynamic batch, height, width) and verify it")
+    onnx.add_argument("model", metavar="MODEL", help="a preset, or anything from_pretrained accepts")
+    onnx.add_argument("output", metavar="OUTPUT.onnx")
+    onnx.add_argument("--out-features", nargs="+", metavar="NAME", help="stages to output (default: the config's)")
+    onnx.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    onnx.add_argument("--fpn", action="store_true", help="export the torchvision adapter's FPN on these features")
+    onnx.set_defaults(run=_run_export_onnx)
+
+    # The suite parses its own options: everything after "bench" goes to it ("bench --help" lists them).
+    bench = verbs.add_parser(
+        "bench", help="benchmark against torchvision, timm and transformers", add_help=False, prefix_chars="+"
+    )
+    bench.add_argument("arguments", nargs=argparse.REMAINDER, help="options of the suite, see bench --help")
+    bench.set_defaults(run=_run_bench)
     return parser
 
 

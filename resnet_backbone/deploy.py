@@ -26,7 +26,10 @@ def size_divisor(model: nn.Module) -> int:
 
 def dynamic_shapes(model: nn.Module, max_side: int = 4096, max_batch: int = 1024) -> dict[str, dict[int, Any]]:
     """``dynamic_shapes`` for ``torch.export.export(model, (pixel_values,), dynamic_shapes=...)``: any batch,
-    and heights and widths that are multiples of :func:`size_divisor` up to ``max_side``."""
+    and heights and widths that are multiples of :func:`size_divisor` up to ``max_side``.
+
+    The example ``pixel_values`` needs a batch of 2 or more: torch.export specialises sizes 0 and 1.
+    """
     divisor = size_divisor(model)
     height = Dim("height_blocks", min=1, max=max_side // divisor)
     width = Dim("width_blocks", min=1, max=max_side // divisor)
@@ -71,7 +74,7 @@ def export_onnx(
         model.out_features = out_features
     model = model.eval()
     divisor = size_divisor(model)
-    example = torch.randn(1, _backbone_of(model).config.num_channels, 2 * divisor, 2 * divisor)
+    example = torch.randn(2, _backbone_of(model).config.num_channels, 2 * divisor, 3 * divisor)
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
