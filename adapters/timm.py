@@ -89,7 +89,7 @@ class TimmResNet(ResNetTrunk):
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_trunk(x, num_stages=len(self.encoder.stages))[-1]
+        return self.forward_hidden_states(x, num_stages=len(self.encoder.stages))[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         dropout, linear = self.classifier
@@ -115,11 +115,11 @@ class TimmResNet(ResNetTrunk):
             raise ValueError(f"output_fmt must be 'NCHW' (a ResNet's feature maps), got {output_fmt!r}.")
         check_pixel_values(x, self.config.num_channels)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        x = self._forward_stage(0, self.embedder.embedder, x)
+        x = self.forward_stage(0, self.embedder.embedder, x)
         intermediates = [x] if 0 in take_indices else []
         x = self.embedder.pooler(x)
         for index, stage in enumerate(self.encoder.stages[:max_index] if stop_early else self.encoder.stages, 1):
-            x = self._forward_stage(index, stage, x)
+            x = self.forward_stage(index, stage, x)
             if index in take_indices:
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)

@@ -68,7 +68,7 @@ class ResNetBody(nn.Module):
         if torch.jit.is_scripting():
             hidden_states = self._scripted_trunk(pixel_values)
         else:
-            hidden_states = self.backbone._forward_trunk(pixel_values, self.num_stages)
+            hidden_states = self.backbone.forward_hidden_states(pixel_values, self.num_stages)
         features = OrderedDict()
         for index, name in self.names_by_index.items():
             features[name] = hidden_states[index]

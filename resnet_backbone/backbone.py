@@ -108,7 +108,7 @@ class ResNetBackbone(ResNetTrunk):
         ``hidden_states`` (when asked) holds the stem output and the output of each stage computed.
         """
         output_hidden_states, return_dict = self._output_options(output_hidden_states, return_dict)
-        hidden_states = self._forward_trunk(pixel_values, num_stages=max(self.out_indices, default=0))
+        hidden_states = self.forward_hidden_states(pixel_values, num_stages=max(self.out_indices, default=0))
         feature_maps = tuple(hidden_states[index] for index in self.out_indices)
         all_hidden_states = tuple(hidden_states) if output_hidden_states else None
         if not return_dict:

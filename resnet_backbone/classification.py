@@ -32,7 +32,7 @@ class ResNetModel(ResNetTrunk):
         return_dict: bool | None = None,
     ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
         output_hidden_states, return_dict = self._output_options(output_hidden_states, return_dict)
-        hidden_states = self._forward_trunk(pixel_values, num_stages=len(self.encoder.stages))
+        hidden_states = self.forward_hidden_states(pixel_values, num_stages=len(self.encoder.stages))
         output = BaseModelOutputWithPoolingAndNoAttention(
             last_hidden_state=hidden_states[-1],
             pooler_output=self.pooler(hidden_states[-1]),

@@ -186,17 +186,17 @@ class ResNetTrunk(ResNetPreTrainedModel):
             self.config.return_dict if return_dict is None else return_dict,
         )
 
-    def _forward_trunk(self, pixel_values: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+    def forward_hidden_states(self, pixel_values: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
         """The stem output, then the output of each of the first ``num_stages`` stages."""
         if not torch.jit.is_scripting():
             check_pixel_values(pixel_values, self.config.num_channels)
         hidden_state, hidden_states = pixel_values, []
         for index, stage in enumerate(self.stage_modules()[: num_stages + 1]):
-            hidden_state = self._forward_stage(index, stage, hidden_state)
+            hidden_state = self.forward_stage(index, stage, hidden_state)
             hidden_states.append(hidden_state)
         return hidden_states
 
-    def _forward_stage(self, index: int, stage: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+    def forward_stage(self, index: int, stage: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
         """Run ``stage`` (``stage_names[index]`` or a part of it, such as the stem before its max-pool),
         recomputed in the backward pass under gradient checkpointing unless it is frozen."""
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
