@@ -191,7 +191,8 @@ _FIELDS = [
 ]  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI must not turn red on a new random draw; run with a larger max_examples locally to explore.
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(_FIELDS), _ANY_VALUE, max_size=5))
 def test_fuzzed_configs_either_build_or_raise_value_error(overrides):
     try:
@@ -199,5 +200,7 @@ def test_fuzzed_configs_either_build_or_raise_value_error(overrides):
     except ValueError:
         return
     # A config that validates must build: no TypeError, ZeroDivisionError or shape error later on.
+    # The input is large enough for the deepest stride (4 * 2**5 with five stages all downsampling),
+    # and a batch of 2 keeps training-mode BatchNorm defined on a 1x1 map.
     with torch.device("meta"):
-        ResNetBackbone(config)(torch.empty(1, config.num_channels, 64, 64))
+        ResNetBackbone(config)(torch.empty(2, config.num_channels, 256, 256))
