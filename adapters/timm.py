@@ -24,11 +24,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from ..config import ResNetConfig
-from ..presets import PRESETS
-from ..pretrained import ResNetTrunk, check_pixel_values
-from ..weights import to_canonical
-from ..weights.architecture import describe, infer_config, same_architecture
+from .. import PRESETS, ResNetConfig, ResNetTrunk, check_pixel_values
+from ..weights import describe, infer_config, same_architecture, to_canonical
 
 __all__ = ["MODEL_NAMES", "TimmResNet"]
 

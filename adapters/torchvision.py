@@ -29,9 +29,7 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from .._errors import close_match_hint
-from ..backbone import ResNetBackbone
-from ..presets import PRESETS
+from .. import PRESETS, ResNetBackbone, close_match_hint
 from ..weights import to_canonical
 
 __all__ = [

@@ -3,10 +3,12 @@
 from .backbone import ResNetBackbone
 from .classification import ResNetForImageClassification, ResNetModel
 from .config import ResNetConfig
+from .hints import close_match_hint
 from .inference import optimize_for_inference
 from .out_features import align_out_features
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
+from .trunk import ResNetTrunk, check_pixel_values
 from .weights import CheckpointMismatchError, LoadReport
 
 __all__ = [
@@ -20,6 +22,9 @@ __all__ = [
     "ResNetConfig",
     "ResNetForImageClassification",
     "ResNetModel",
+    "ResNetTrunk",
     "align_out_features",
+    "check_pixel_values",
+    "close_match_hint",
     "optimize_for_inference",
 ]

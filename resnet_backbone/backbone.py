@@ -9,7 +9,7 @@ import torch
 from .config import ResNetConfig
 from .out_features import align_out_features
 from .outputs import BackboneOutput
-from .pretrained import ResNetTrunk
+from .trunk import ResNetTrunk
 
 
 class ResNetBackbone(ResNetTrunk):

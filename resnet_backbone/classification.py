@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import ResNetConfig
 from .outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
-from .pretrained import ResNetPreTrainedModel, ResNetTrunk
+from .trunk import ResNetPreTrainedModel, ResNetTrunk
 
 
 class ResNetModel(ResNetTrunk):

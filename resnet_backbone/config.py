@@ -15,7 +15,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from ._errors import close_match_hint
+from .hints import close_match_hint
 from .out_features import align_out_features
 from .presets import preset_overrides
 

@@ -18,7 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .blocks import ShortCut
 from .layers import ConvLayer
-from .pretrained import ResNetPreTrainedModel
+from .trunk import ResNetPreTrainedModel
 
 # Norms that are a per-channel affine map in eval mode; GroupNorm depends on each input, so it stays.
 FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, torchvision.ops.FrozenBatchNorm2d)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
-from ._errors import close_match_hint
+from .hints import close_match_hint
 
 
 def align_out_features(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._errors import close_match_hint
+from .hints import close_match_hint
 
 _BASIC = dict(layer_type="basic", hidden_sizes=[64, 128, 256, 512])
 _BOTTLENECK = dict(layer_type="bottleneck", hidden_sizes=[256, 512, 1024, 2048])

@@ -5,7 +5,6 @@ shared, and the suite's numbers belong in the README, not in a test."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from resnet_backbone.cli import benchmark_suite, main
+from resnet_backbone.cli.main import main
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LIBRARIES = {"torchvision", "resnet_backbone", "timm", "transformers"}
@@ -45,10 +44,9 @@ def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsy
 
 
 def test_a_peer_that_computes_something_else_is_refused_before_timing():
-    benchmark_suite()
-    from benchmarks.modes import EAGER_FP32
-    from benchmarks.peers import build_peers
-    from benchmarks.workloads import Workload, run_workload
+    from resnet_backbone.benchmarks.modes import EAGER_FP32
+    from resnet_backbone.benchmarks.peers import build_peers
+    from resnet_backbone.benchmarks.workloads import Workload, run_workload
 
     models = build_peers("resnet18")
     with torch.no_grad():
@@ -72,22 +70,3 @@ def test_python_m_benchmarks_runs_from_the_repository_root():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m benchmarks") and "--smoke" in result.stdout
-
-
-def test_bench_outside_a_clone_says_where_the_suite_lives(tmp_path):
-    """A regular install (the wheel's layout, copied here) has no benchmarks/ folder next to the package."""
-    ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(REPOSITORY / "resnet_backbone", tmp_path / "resnet_backbone", ignore=ignore)
-    shutil.copytree(REPOSITORY / "adapters", tmp_path / "resnet_backbone" / "adapters", ignore=ignore)
-    code = "import sys; from resnet_backbone.cli import main; sys.exit(main(['bench', '--smoke']))"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "the benchmark suite is not installed with the package" in result.stderr
-    assert "pip install -e . there" in result.stderr

@@ -8,7 +8,7 @@ import subprocess
 import matplotlib.image
 import torch
 
-from resnet_backbone.synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, render_scene
+from resnet_backbone.cli.synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, render_scene
 
 
 def test_scenes_are_reproducible_and_boxes_bound_their_shapes():

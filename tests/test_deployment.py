@@ -13,7 +13,7 @@ from conftest import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, rand
 
 from resnet_backbone import BackboneOutput, ResNetBackbone
 from resnet_backbone.adapters.torchvision import ResNetBody, resnet_fpn_backbone
-from resnet_backbone.deploy import dynamic_shapes, export_onnx
+from resnet_backbone.cli.deploy import dynamic_shapes, export_onnx
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

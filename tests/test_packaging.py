@@ -1,4 +1,5 @@
-"""`adapters/` installs as `resnet_backbone.adapters`, never as a top-level `adapters` package."""
+"""`adapters/` and `benchmarks/` install as `resnet_backbone.adapters` and `resnet_backbone.benchmarks`,
+never as top-level packages of those generic names."""
 
 from __future__ import annotations
 
@@ -11,21 +12,22 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 PROBE = """
-import importlib.util, pkgutil, resnet_backbone, resnet_backbone.adapters
+import importlib.util, pkgutil, resnet_backbone, resnet_backbone.adapters, resnet_backbone.benchmarks
 print(resnet_backbone.adapters.__file__)
 top_level = importlib.util.find_spec("adapters")
 print(top_level.origin if top_level else None)
-modules = {"resnet_backbone.adapters"}
-for package in (resnet_backbone, resnet_backbone.adapters):
+modules = {"resnet_backbone.adapters", "resnet_backbone.benchmarks"}
+for package in (resnet_backbone, resnet_backbone.adapters, resnet_backbone.benchmarks):
     modules |= {m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")}
 print(",".join(sorted(modules)))
 """
 
 
 def _repository_modules() -> str:
-    """Every module of the repository's two source folders, under its installed name."""
+    """Every module of the repository's three source folders, under its installed name."""
     names = []
-    for folder, package in [("resnet_backbone", "resnet_backbone"), ("adapters", "resnet_backbone.adapters")]:
+    folders = [("resnet_backbone", "resnet_backbone"), ("adapters", "resnet_backbone.adapters")]
+    for folder, package in [*folders, ("benchmarks", "resnet_backbone.benchmarks")]:
         for path in (REPOSITORY / folder).rglob("*.py"):
             parts = path.relative_to(REPOSITORY / folder).with_suffix("").parts
             names.append(".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)]))
@@ -63,9 +65,18 @@ def test_a_regular_install_ships_adapters_inside_resnet_backbone(tmp_path):
     (wheel,) = wheels.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "resnet_backbone/adapters/__init__.py" in names
-    assert not any(name.startswith("adapters/") for name in names)
+    assert "resnet_backbone/benchmarks/__init__.py" in names
+    assert not any(name.startswith(("adapters/", "benchmarks/")) for name in names)
 
     subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, timeout=300)
     adapters_file, top_level_origin = _probe(tmp_path, extra_path=target)
     assert adapters_file == target / "resnet_backbone" / "adapters" / "__init__.py"
     assert top_level_origin == "None"
+
+    bench_help = subprocess.run(
+        [sys.executable, "-m", "resnet_backbone.cli", "bench", "--help"],
+        cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bench_help.returncode == 0, bench_help.stderr[-2000:]
+    assert "--smoke" in bench_help.stdout

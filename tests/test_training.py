@@ -16,9 +16,9 @@ from torch import nn
 from torchvision.utils import save_image
 
 from resnet_backbone import ResNetBackbone, ResNetConfig
-from resnet_backbone.distributed import convert_sync_batchnorm
-from resnet_backbone.synthetic import render_scene
-from resnet_backbone.train import main as train_main
+from resnet_backbone.cli.distributed import convert_sync_batchnorm
+from resnet_backbone.cli.main import main
+from resnet_backbone.cli.synthetic import render_scene
 
 TINY_RUN = ["--train-images", "16", "--image-size", "64", "--batch-size", "4", "--precision", "fp32"]
 
@@ -29,10 +29,10 @@ def _losses(directory) -> list[float]:
 
 def test_a_resumed_run_continues_the_loss_curve_exactly(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert train_main([*TINY_RUN, "--steps", "6", "--output-dir", str(straight)]) == 0
-    assert train_main([*TINY_RUN, "--steps", "6", "--output-dir", str(interrupted), "--stop-at-step", "3"]) == 0
+    assert main(["train", *TINY_RUN, "--steps", "6", "--output-dir", str(straight)]) == 0
+    assert main(["train", *TINY_RUN, "--steps", "6", "--output-dir", str(interrupted), "--stop-at-step", "3"]) == 0
     assert len(_losses(interrupted)) == 3
-    assert train_main([*TINY_RUN, "--steps", "6", "--output-dir", str(interrupted), "--resume"]) == 0
+    assert main(["train", *TINY_RUN, "--steps", "6", "--output-dir", str(interrupted), "--resume"]) == 0
     assert _losses(interrupted) == _losses(straight)
     assert len(set(_losses(straight))) == 6  # the loss really changes from step to step
     backbone = ResNetBackbone.from_pretrained(straight / "backbone")
@@ -40,15 +40,15 @@ def test_a_resumed_run_continues_the_loss_curve_exactly(tmp_path):
 
 
 def test_resume_without_a_checkpoint_and_sync_bn_on_cpu_are_clear_errors(tmp_path, capsys):
-    assert train_main([*TINY_RUN, "--steps", "2", "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert main(["train", *TINY_RUN, "--steps", "2", "--output-dir", str(tmp_path), "--resume"]) == 2
     assert "--resume needs a checkpoint" in capsys.readouterr().err
-    assert train_main([*TINY_RUN, "--steps", "2", "--output-dir", str(tmp_path), "--sync-bn"]) == 2
+    assert main(["train", *TINY_RUN, "--steps", "2", "--output-dir", str(tmp_path), "--sync-bn"]) == 2
     assert "torch has no CPU implementation" in capsys.readouterr().err
 
 
 def test_ddp_under_torchrun_keeps_both_ranks_identical(tmp_path):
     command = [
-        shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "resnet_backbone.train", *TINY_RUN,
+        shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "resnet_backbone.cli", "train", *TINY_RUN,
         "--batch-size", "2", "--steps", "3", "--out-features", "stage2", "stage3", "--trainable-layers", "4",
         "--output-dir", str(tmp_path),
     ]  # fmt: skip
@@ -81,7 +81,7 @@ def test_training_reads_a_coco_folder(tmp_path):
     (tmp_path / "annotations.json").write_text(json.dumps(coco))
     output = tmp_path / "run"
     args = [*TINY_RUN, "--steps", "2", "--data", str(tmp_path), "--output-dir", str(output)]
-    assert train_main([*args, "--detector", "fasterrcnn"]) == 0
+    assert main(["train", *args, "--detector", "fasterrcnn"]) == 0
     assert len(_losses(output)) == 2 and all(loss == loss for loss in _losses(output))
 
 
@@ -122,7 +122,17 @@ def test_contradictory_norm_settings_warn():
 
 
 def test_the_module_entry_point_runs_as_a_script(tmp_path):
-    command = [sys.executable, "-m", "resnet_backbone.train", *TINY_RUN, "--steps", "1", "--output-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "resnet_backbone.cli",
+        "train",
+        *TINY_RUN,
+        "--steps",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training 1 steps on 1 process(es)" in result.stdout and torch.load(tmp_path / "checkpoint.pt")["step"] == 1
@@ -132,7 +142,7 @@ def test_segmentation_trains_an_smp_model_whose_encoder_starts_from_given_weight
     start = ResNetBackbone.from_preset("resnet18")
     start.save_pretrained(tmp_path / "start")
     args = [*TINY_RUN, "--task", "segmentation", "--segmenter", "fpn", "--steps", "1", "--lr", "0"]
-    assert train_main([*args, "--weights", str(tmp_path / "start"), "--output-dir", str(tmp_path / "run")]) == 0
+    assert main(["train", *args, "--weights", str(tmp_path / "start"), "--output-dir", str(tmp_path / "run")]) == 0
     assert len(_losses(tmp_path / "run")) == 1
     trained = ResNetBackbone.from_pretrained(tmp_path / "run" / "backbone").state_dict()
     convolutions = [key for key in trained if key.endswith("convolution.weight")]

@@ -1,6 +1,6 @@
 """Reading, writing and converting checkpoints of transformers, torchvision and timm."""
 
-from .architecture import infer_config
+from .architecture import describe, infer_config, same_architecture
 from .export import export_problems, peer_state_dict
 from .files import read_state_dict, write_checkpoint
 from .layouts import from_canonical, to_canonical
@@ -9,12 +9,14 @@ from .loading import CheckpointMismatchError, LoadReport, load_checkpoint
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
+    "describe",
     "export_problems",
     "from_canonical",
     "infer_config",
     "load_checkpoint",
     "peer_state_dict",
     "read_state_dict",
+    "same_architecture",
     "to_canonical",
     "write_checkpoint",
 ]

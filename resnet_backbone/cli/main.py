@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
-from .adapters.torchvision import resnet_fpn_backbone
-from .backbone import ResNetBackbone
-from .config import ResNetConfig
+from ..adapters.torchvision import resnet_fpn_backbone
+from ..backbone import ResNetBackbone
+from ..config import ResNetConfig
+from ..presets import PRESETS
+from .convert import FORMATS, convert
 from .demo import DemoOptions, run_demo
 from .deploy import export_onnx, onnx_max_abs_diff, output_names, size_divisor
 from .info import format_stage_table, stage_rows
-from .presets import PRESETS
 from .train import add_arguments as add_training_arguments
 from .train import run as run_training
-from .weights.convert import FORMATS, convert
 
 
 def config_from_argument(source: str) -> ResNetConfig:
@@ -82,27 +80,9 @@ def _run_export_onnx(args: argparse.Namespace) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> None:
-    benchmark_suite().main(args.arguments, prog="resnet-backbone bench")
+    from ..benchmarks import main as run_suite  # the peers it imports are the bench extra's
 
-
-def benchmark_suite() -> ModuleType:
-    """The repository's ``benchmarks/`` package, found next to this package's source: it is not installed
-    (it needs the peer libraries and writes result files), so this works from a clone installed with
-    ``pip install -e .``, from any directory."""
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    if not (folder / "__main__.py").is_file():
-        raise ValueError(
-            f"the benchmark suite is not installed with the package: it lives in the repository's benchmarks/ "
-            f"folder, and this package was loaded from {Path(__file__).parent}, outside a clone. Clone the "
-            "repository, pip install -e . there, and run resnet-backbone bench (or python -m benchmarks)."
-        )
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    suite = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks"] = suite
-    spec.loader.exec_module(suite)
-    return suite
+    run_suite(args.arguments, prog="resnet-backbone bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

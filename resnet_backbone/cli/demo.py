@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .adapters.torchvision import build_detector, detection_loss
+from ..adapters.torchvision import build_detector, detection_loss
 from .synthetic import SHAPE_CLASSES, SyntheticDetection, collate_detection
 from .training import TrainingOptions, autocast_for, distributed_world, fit, resolve_precision
 

@@ -18,11 +18,11 @@ from torch import nn
 from ..classification import ResNetForImageClassification, ResNetModel
 from ..config import ResNetConfig
 from ..presets import PRESETS
-from .architecture import describe
-from .export import export_problems
-from .files import locate_checkpoint, read_state_dict, write_state_dict_file
-from .layouts import detect_layout, strip_known_prefixes
-from .sources import timm_checkpoint, torchvision_checkpoint
+from ..weights.architecture import describe
+from ..weights.export import export_problems
+from ..weights.files import locate_checkpoint, read_state_dict, write_state_dict_file
+from ..weights.layouts import detect_layout, strip_known_prefixes
+from ..weights.sources import timm_checkpoint, torchvision_checkpoint
 
 FORMATS = ("hf", "torchvision", "timm")
 

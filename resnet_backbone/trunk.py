@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import Self
 
-from ._errors import close_match_hint
 from .blocks import _ResidualLayer
 from .config import ResNetConfig
+from .hints import close_match_hint
 from .layers import NORM_TYPES
 from .presets import PRESETS
 from .stages import Embeddings, Encoder, StageSpec, stage_specs

@@ -7,7 +7,7 @@ import warnings
 import torch.distributed
 from torch import nn
 
-from .pretrained import ResNetTrunk
+from ..trunk import ResNetTrunk
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group: torch.distributed.ProcessGroup | None = None) -> nn.Module:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbone import ResNetBackbone
-from .config import ResNetConfig
+from ..backbone import ResNetBackbone
+from ..config import ResNetConfig
 
 
 @dataclass(frozen=True)

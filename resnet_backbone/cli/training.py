@@ -27,8 +27,8 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from ..weights.files import atomic_write
 from .distributed import convert_sync_batchnorm
-from .weights.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "losses.jsonl"

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from .backbone import ResNetBackbone
+from ..backbone import ResNetBackbone
 
 
 def size_divisor(model: nn.Module) -> int:

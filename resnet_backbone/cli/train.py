@@ -1,4 +1,4 @@
-"""``resnet-backbone train`` / ``python -m resnet_backbone.train``: fine-tune a detector or a segmenter on
+"""``resnet-backbone train`` (also ``python -m resnet_backbone.cli train``): fine-tune a detector or a segmenter on
 this backbone, in one process or many under ``torchrun --nproc_per_node=N``.
 
 Detection: a torchvision detector (FCOS, Faster R-CNN, RetinaNet) on the synthetic shapes, or on a COCO
@@ -10,8 +10,7 @@ shapes' masks.
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .adapters.torchvision import build_detector, detection_loss
-from .backbone import ResNetBackbone
-from .presets import PRESETS
-from .pretrained import ResNetTrunk
+from ..adapters.torchvision import build_detector, detection_loss
+from ..backbone import ResNetBackbone
+from ..presets import PRESETS
+from ..trunk import ResNetTrunk
+from ..weights import load_checkpoint
+from ..weights.architecture import describe
 from .synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
 from .training import TrainingOptions, distributed_world, fit
-from .weights import load_checkpoint
-from .weights.architecture import describe
 
 DETECTORS = ("fcos", "fasterrcnn", "retinanet")
 SEGMENTERS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
@@ -115,7 +114,7 @@ def _smp_model(kind: str, preset: str, weights: str | None) -> nn.Module:
         import segmentation_models_pytorch as smp
     except ImportError:
         raise ValueError("--task segmentation needs segmentation_models_pytorch (pip install it).") from None
-    from .adapters import timm as _registers_rb_models  # noqa: F401
+    from ..adapters import timm as _registers_rb_models  # noqa: F401
 
     pretrained = None if weights is None else ResNetBackbone.load(weights)
     if pretrained is not None:
@@ -134,14 +133,3 @@ def _save_backbone(model: nn.Module, directory: Path) -> None:
     trunk = next(m for m in model.modules() if isinstance(m, ResNetTrunk))
     trunk.save_pretrained(directory)
     print(f"saved the fine-tuned backbone to {directory}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m resnet_backbone.train ...`` is ``resnet-backbone train ...``."""
-    from .cli import main as command_line  # the command line imports this module
-
-    return command_line(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
