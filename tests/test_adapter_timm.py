@@ -19,7 +19,7 @@ import timm.optim
 import timm.utils
 import torch
 import torchvision
-from conftest import max_abs_diff, randomize_norms
+from helpers import max_abs_diff, randomize_norms
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import adapt_input_conv

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_abs_diff, randomize_norms
+from helpers import max_abs_diff, randomize_norms
 from torchvision.models import detection, segmentation
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as torchvision_resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
+from helpers import TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
 
 from resnet_backbone import ResNetConfig, ResNetForImageClassification, ResNetModel
 

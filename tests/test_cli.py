@@ -10,7 +10,7 @@ import timm
 import torch
 import torchvision
 import transformers
-from conftest import max_abs_diff, randomize_norms
+from helpers import max_abs_diff, randomize_norms
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 

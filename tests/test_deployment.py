@@ -9,7 +9,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
+from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
 
 from resnet_backbone import BackboneOutput, ResNetBackbone
 from resnet_backbone.adapters.torchvision import ResNetBody, resnet_fpn_backbone

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import transformers
-from conftest import ALL_STAGES, TINY_BASIC
+from helpers import ALL_STAGES, TINY_BASIC
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

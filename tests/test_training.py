@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_BASIC
+from helpers import TINY_BASIC
 from torch import nn
 from torchvision.utils import save_image
 

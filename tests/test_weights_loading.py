@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 import transformers
-from conftest import (
+from helpers import (
     ALL_STAGES,
     TINY_BASIC,
     TINY_BOTTLENECK,

@@ -10,7 +10,7 @@ import timm
 import torch
 import torchvision
 import transformers
-from conftest import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
+from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
 from torchvision.models._utils import IntermediateLayerGetter
 
 from resnet_backbone import PRESETS, ResNetBackbone, ResNetConfig, ResNetForImageClassification, ResNetModel

@@ -1,0 +1,64 @@
+"""Helpers the tests share: peer models with random weights and randomised norm statistics, tiny
+architectures, the Hub cache layout, and fresh interpreters."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ALL_STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
+
+# Small architectures that still exercise every stage (and its first-block shortcut).
+TINY_BOTTLENECK = dict(embedding_size=32, hidden_sizes=[64, 128, 192, 256], depths=[1, 2, 1, 1])
+TINY_BASIC = dict(layer_type="basic", embedding_size=32, hidden_sizes=[32, 48, 64, 96], depths=[1, 1, 2, 1])
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random affine parameters and running statistics, so parity tests cannot pass
+    by accident on the identity-like defaults."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) or hasattr(module, "running_var"):
+                size = module.running_mean.shape
+                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.2)
+                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(size, generator=generator) * 0.2)
+    return model
+
+
+def max_abs_diff(first: torch.Tensor, second: torch.Tensor) -> float:
+    assert first.shape == second.shape, f"shapes differ: {tuple(first.shape)} vs {tuple(second.shape)}"
+    return (first.float() - second.float()).abs().max().item()
+
+
+def place_in_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay files out exactly as huggingface_hub's cache stores a downloaded revision of ``repo_id``, so the
+    real loaders find them offline."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copyfile(source, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def run_python(
+    code: str, env: dict[str, str], args: list[str] = (), timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (library settings read at import time apply)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
