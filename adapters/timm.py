@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from .. import PRESETS, ResNetConfig, ResNetTrunk, check_pixel_values
+from .. import PRESETS, ResNetConfig, ResNetTrunk
 from ..weights import describe, infer_config, same_architecture, to_canonical
 
 __all__ = ["MODEL_NAMES", "TimmResNet"]
@@ -50,16 +50,13 @@ class TimmResNet(ResNetTrunk):
         """``num_classes`` defaults to ``config.num_labels``, so the inherited ``from_pretrained`` and
         ``from_timm`` build the checkpoint's head."""
         super().__init__(config)
-        self._build_trunk(num_stages=len(self.config.depths))
-        stem, *stages = self.stage_specs
-        stem_before_pool = dict(
-            num_chs=stem.channels, reduction=stem.stride // self.embedder.pooler.stride, module="embedder.embedder"
-        )
-        self.feature_info = [stem_before_pool] + [
-            dict(num_chs=spec.channels, reduction=spec.stride, module=f"encoder.stages.{index}")
-            for index, spec in enumerate(stages)
+        # timm's features: the stem before its max-pool (as timm's ResNets), then each stage.
+        module_names = ["embedder.embedder", *(f"encoder.stages.{index}" for index in range(self.num_built_stages))]
+        self.feature_info = [
+            dict(num_chs=spec.channels, reduction=spec.stride, module=module)
+            for spec, module in zip([self.feature_specs[0], *self.stage_specs[1:]], module_names)
         ]
-        self.num_features = stages[-1].channels
+        self.num_features = self.stage_specs[-1].channels
         self.drop_rate = drop_rate
         self.reset_classifier(self.config.num_labels if num_classes is None else num_classes, global_pool)
 
@@ -86,7 +83,7 @@ class TimmResNet(ResNetTrunk):
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_hidden_states(x, num_stages=len(self.encoder.stages))[-1]
+        return self.forward_hidden_states(x, num_stages=self.num_built_stages)[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         dropout, linear = self.classifier
@@ -110,15 +107,13 @@ class TimmResNet(ResNetTrunk):
         norm, so ``norm`` changes nothing."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW' (a ResNet's feature maps), got {output_fmt!r}.")
-        check_pixel_values(x, self.config.num_channels)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        x = self.forward_stage(0, self.embedder.embedder, x)
-        intermediates = [x] if 0 in take_indices else []
-        x = self.embedder.pooler(x)
-        for index, stage in enumerate(self.encoder.stages[:max_index] if stop_early else self.encoder.stages, 1):
-            x = self.forward_stage(index, stage, x)
-            if index in take_indices:
-                intermediates.append(x)
+        # Feature i is the stem before its pool (i = 0) or stage i; the stem after its pool is not a feature.
+        last_index = max_index if stop_early else self.num_built_stages
+        outputs = list(self.iter_stages(x, last_index=last_index, stem_conv=True))
+        features = [output.hidden_state for output in outputs if output.name != "stem"]
+        intermediates = [features[index] for index in take_indices]
+        x = outputs[-1].hidden_state
         return intermediates if intermediates_only else (x, intermediates)
 
     def prune_intermediate_layers(

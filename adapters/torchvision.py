@@ -30,7 +30,7 @@ from torchvision.ops.feature_pyramid_network import (
 )
 
 from .. import PRESETS, ResNetBackbone, close_match_hint
-from ..weights import to_canonical
+from ..weights import LoadReport, load_placed, to_canonical
 
 __all__ = [
     "ResNetBody",
@@ -46,48 +46,58 @@ __all__ = [
 class ResNetBody(nn.Module):
     """The backbone's ``out_features`` as an ``OrderedDict`` named ``return_names`` (default: the stage names).
 
-    For users who bring their own neck, and the body of :class:`ResNetFPN`. It scripts with TorchScript;
-    eagerly it runs the backbone's own stage loop (input checks, gradient checkpointing).
+    For users who bring their own neck, and the body of :class:`ResNetFPN`. Eagerly it selects from the
+    trunk's stage loop and reads the backbone's selection live; TorchScript compiles the trunk's scripted
+    loop with the selection as it is when the body is scripted.
     """
+
+    __jit_unused_properties__ = ["return_names", "size_divisibility"]
 
     def __init__(self, backbone: ResNetBackbone, return_names: Sequence[str] | None = None) -> None:
         super().__init__()
-        names = list(backbone.out_features if return_names is None else return_names)
-        if len(names) != len(backbone.out_features):
-            raise ValueError(f"return_names needs one name per out_feature {backbone.out_features}, got {names}.")
+        if return_names is not None and len(return_names) != len(backbone.out_features):
+            raise ValueError(
+                f"return_names needs one name per out_feature {backbone.out_features}, got {list(return_names)}."
+            )
         self.backbone = backbone
-        self.return_names = names
-        self.names_by_index = dict(zip(backbone.out_indices, names))
-        self.num_stages = max(backbone.out_indices, default=0)
-        # Inputs divisible by this keep every feature map an exact fraction of the input (detectron2).
-        self.size_divisibility = max(backbone.strides, default=1)
+        self.custom_names = None if return_names is None else list(return_names)
+
+    @property
+    def return_names(self) -> list[str]:
+        names = self.backbone.out_features if self.custom_names is None else self.custom_names
+        if len(names) != len(self.backbone.out_features):
+            raise ValueError(
+                f"This body names {len(names)} outputs {names}, but its backbone now selects "
+                f"{self.backbone.out_features}; build a new body for the new selection."
+            )
+        return list(names)
+
+    @property
+    def size_divisibility(self) -> int:
+        """Inputs divisible by this keep every feature map an exact fraction of the input (detectron2)."""
+        return self.backbone.size_divisibility
+
+    def __prepare_scriptable__(self) -> ResNetBody:
+        """torch.jit.script calls this first: TorchScript compiles the selection as it is now."""
+        self._scripted_indices = torch.jit.Attribute(list(self.backbone.out_indices), list[int])
+        self._scripted_names = torch.jit.Attribute(self.return_names, list[str])
+        return self
 
     def forward(self, pixel_values: Tensor) -> dict[str, Tensor]:
         if torch.jit.is_scripting():
-            hidden_states = self._scripted_trunk(pixel_values)
+            indices, names = self._scripted_indices, self._scripted_names
+            hidden_states = self.backbone.scripted_hidden_states(pixel_values, max(indices))
         else:
-            hidden_states = self.backbone.forward_hidden_states(pixel_values, self.num_stages)
+            indices, names = self.backbone.out_indices, self.return_names
+            hidden_states = self.backbone.forward_hidden_states(pixel_values, max(indices, default=0))
         features = OrderedDict()
-        for index, name in self.names_by_index.items():
+        for index, name in zip(indices, names):
             features[name] = hidden_states[index]
         return features
 
-    def _scripted_trunk(self, pixel_values: Tensor) -> list[Tensor]:
-        # The backbone's stage loop, in the subset of Python that TorchScript compiles.
-        hidden_state = self.backbone.embedder(pixel_values)
-        hidden_states = [hidden_state]
-        for index, stage in enumerate(self.backbone.encoder.stages):
-            if index < self.num_stages:
-                hidden_state = stage(hidden_state)
-                hidden_states.append(hidden_state)
-        return hidden_states
-
     def output_shape(self) -> dict[str, tuple[int, int]]:
         """``{name: (channels, stride)}`` of each output, known before any forward pass (detectron2)."""
-        return {
-            name: (channels, stride)
-            for name, channels, stride in zip(self.return_names, self.backbone.channels, self.backbone.strides)
-        }
+        return dict(zip(self.return_names, zip(self.backbone.channels, self.backbone.strides)))
 
 
 class ResNetFPN(nn.Module):
@@ -107,7 +117,7 @@ class ResNetFPN(nn.Module):
     ) -> None:
         super().__init__()
         extra_blocks = LastLevelMaxPool() if extra_blocks is None else extra_blocks
-        if not isinstance(extra_blocks, (LastLevelMaxPool, LastLevelP6P7)):
+        if type(extra_blocks) not in _EXTRA_LEVELS:
             raise ValueError(
                 f"extra_blocks must be torchvision's LastLevelMaxPool or LastLevelP6P7, got "
                 f"{type(extra_blocks).__name__}."
@@ -117,7 +127,12 @@ class ResNetFPN(nn.Module):
             backbone.channels, out_channels, extra_blocks=extra_blocks, norm_layer=fpn_norm_layer
         )
         self.out_channels = out_channels
-        self.size_divisibility = self.body.size_divisibility
+
+    __jit_unused_properties__ = ["size_divisibility"]
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.body.size_divisibility
 
     def forward(self, pixel_values: Tensor) -> dict[str, Tensor]:
         return self.fpn(self.body(pixel_values))
@@ -125,10 +140,13 @@ class ResNetFPN(nn.Module):
     def output_shape(self) -> dict[str, tuple[int, int]]:
         shapes = {name: (self.out_channels, stride) for name, (_, stride) in self.body.output_shape().items()}
         coarsest = max(stride for _, stride in shapes.values())
-        extra = ["pool"] if isinstance(self.fpn.extra_blocks, LastLevelMaxPool) else ["p6", "p7"]
-        for level, name in enumerate(extra, start=1):
+        for level, name in enumerate(_EXTRA_LEVELS[type(self.fpn.extra_blocks)], start=1):
             shapes[name] = (self.out_channels, coarsest * 2**level)
         return shapes
+
+
+# The levels that torchvision's extra FPN blocks add after the coarsest one, each at half its resolution.
+_EXTRA_LEVELS = {LastLevelMaxPool: ("pool",), LastLevelP6P7: ("p6", "p7")}
 
 
 def resnet_fpn_backbone(
@@ -312,12 +330,16 @@ def _choice(kind: str, choices: Mapping[str, Any], what: str) -> Any:
 # ---------------------------------------------------------------- torchvision's pretrained weights
 
 
-def load_torchvision_weights(model: nn.Module, state_dict_or_model: Mapping[str, Tensor] | nn.Module) -> None:
+def load_torchvision_weights(
+    model: nn.Module, state_dict_or_model: Mapping[str, Tensor] | nn.Module, *, strict: bool = True
+) -> LoadReport:
     """Load a torchvision detector's or segmenter's weights (e.g. COCO-trained ``fasterrcnn_resnet50_fpn``)
     into the matching model from :func:`build_detector` / :func:`build_segmenter`.
 
-    The ResNet keys are converted, everything else (FPN, heads) is torchvision's own. Strict: every key
-    must find its place with the right shape, else one error lists the problems and nothing is loaded.
+    The ResNet keys are converted, everything else (FPN, heads) is torchvision's own; then the weights
+    package's strict loading applies, as for a backbone checkpoint: every key must find its place with the
+    right shape, else :class:`CheckpointMismatchError` lists the problems and nothing is loaded. The
+    report is returned and kept as ``model.load_report``.
     """
     state_dict = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
     body_path = next((name for name, module in model.named_modules() if isinstance(module, ResNetBody)), None)
@@ -325,25 +347,15 @@ def load_torchvision_weights(model: nn.Module, state_dict_or_model: Mapping[str,
         raise ValueError(f"{type(model).__name__} has no ResNetBody: build it with build_detector or build_segmenter.")
     torchvision_prefix, our_prefix = f"{body_path}.", f"{body_path}.backbone."
     resnet = {k.removeprefix(torchvision_prefix): v for k, v in state_dict.items() if k.startswith(torchvision_prefix)}
-    converted = {k: v for k, v in state_dict.items() if not k.startswith(torchvision_prefix)}
+    placed = {k: v for k, v in state_dict.items() if not k.startswith(torchvision_prefix)}
     if resnet:
-        converted.update({our_prefix + key: value for key, value in to_canonical(resnet)[0].items()})
-    expected = model.state_dict()
-    unexpected = [k for k in converted if k not in expected and not k.endswith("num_batches_tracked")]
-    missing = [k for k in expected if k not in converted and not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in converted.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if unexpected or missing or mismatched:
-        problems = [
-            f"{label} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
-            for label, keys in [("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)]
-            if keys
-        ]
-        raise ValueError(
-            f"These torchvision weights do not fit this {type(model).__name__} (is it the same kind of model, "
-            f"backbone and num_classes?); nothing was loaded. " + "; ".join(problems)
-        )
-    model.load_state_dict({k: v for k, v in converted.items() if k in expected}, strict=False)
+        placed.update({our_prefix + key: value for key, value in to_canonical(resnet)[0].items()})
+    model.load_report = load_placed(
+        model,
+        placed,
+        LoadReport(source_layout="torchvision"),
+        strict=strict,
+        subject=f"this {type(model).__name__}",
+        likely_cause=lambda: "weights of another kind of model, backbone or num_classes.",
+    )
+    return model.load_report

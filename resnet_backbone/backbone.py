@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .config import ResNetConfig
-from .out_features import align_out_features
 from .outputs import BackboneOutput
 from .trunk import ResNetTrunk
 
@@ -25,22 +22,19 @@ class ResNetBackbone(ResNetTrunk):
         backbone.channels, backbone.strides  # [512, 2048], [8, 32]
     """
 
-    # TorchScript compiles only what torchvision's scripted detectors call (the adapter's ResNetBody runs
-    # the stem and stages directly); the selection API and this forward stay Python.
+    # TorchScript compiles only what torchvision's scripted detectors call (the trunk's scripted stage loop);
+    # the selection API and this forward stay Python.
     __jit_unused_properties__ = [
-        "stage_names", "out_features", "out_indices", "num_features", "out_feature_channels",
-        "out_feature_strides", "channels", "strides",
+        *ResNetTrunk.__jit_unused_properties__, "out_features", "out_indices", "num_features",
+        "out_feature_channels", "out_feature_strides", "channels", "strides", "size_divisibility",
     ]  # fmt: skip
 
-    def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        self._build_trunk(num_stages=max(self.config.out_indices, default=0))
+    @staticmethod
+    def num_stages_to_build(config: ResNetConfig) -> int:
+        """Up to the deepest ``out_features``: later stages would cost memory and never run."""
+        return max(config.out_indices, default=0)
 
     # ---------------------------------------------------------------- stage selection
-
-    @property
-    def stage_names(self) -> list[str]:
-        return self.config.stage_names
 
     @property
     def out_features(self) -> list[str]:
@@ -48,7 +42,7 @@ class ResNetBackbone(ResNetTrunk):
 
     @out_features.setter
     def out_features(self, out_features: list[str]) -> None:
-        self._select(*align_out_features(self.stage_names, out_features, None))
+        self._select(self.config.with_overrides(out_features=out_features))
 
     @property
     def out_indices(self) -> list[int]:
@@ -56,18 +50,19 @@ class ResNetBackbone(ResNetTrunk):
 
     @out_indices.setter
     def out_indices(self, out_indices: list[int]) -> None:
-        self._select(*align_out_features(self.stage_names, None, out_indices))
+        self._select(self.config.with_overrides(out_indices=out_indices))
 
-    def _select(self, out_features: list[str], out_indices: list[int]) -> None:
-        num_built = len(self.encoder.stages)
-        if max(out_indices, default=0) > num_built:
+    def _select(self, config: ResNetConfig) -> None:
+        """Adopt ``config``'s selection (resolved once, by the config) if this backbone built its stages."""
+        num_built = self.num_built_stages
+        if self.num_stages_to_build(config) > num_built:
             raise ValueError(
-                f"Cannot select {out_features}: this backbone was built up to "
+                f"Cannot select {config.out_features}: this backbone was built up to "
                 f"{self.stage_names[num_built]!r} (its deepest out_feature then), so "
                 f"{self.stage_names[num_built + 1 :]} do not exist. Build a new backbone with the deeper "
                 "out_features, e.g. ResNetBackbone(config, out_features=[...])."
             )
-        self.config.out_features = out_features
+        self.config = config
 
     # ---------------------------------------------------------------- metadata
 
@@ -93,6 +88,12 @@ class ResNetBackbone(ResNetTrunk):
     def strides(self) -> list[int]:
         """Stride (input size / feature size) of each output feature map, in ``out_features`` order."""
         return [self.out_feature_strides[name] for name in self.out_features]
+
+    @property
+    def size_divisibility(self) -> int:
+        """The stride of the deepest stage the forward computes (detectron2's name): inputs divisible by it
+        keep every feature map an exact fraction of the input."""
+        return self.stage_specs[self.num_stages_to_build(self.config)].stride
 
     # ---------------------------------------------------------------- forward
 

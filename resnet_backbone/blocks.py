@@ -8,11 +8,29 @@ branch are always ReLU and ``hidden_act`` applies after the sum (and in the stem
 from __future__ import annotations
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 from .config import ResNetConfig
 from .layers import ConvLayer, make_activation, make_norm
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a whole sample's residual branch with probability ``drop_prob`` and
+    scale the kept ones by ``1 / (1 - drop_prob)`` (timm's ``DropPath``, same random draws)."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1 - self.drop_prob
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * keep.div_(keep_prob)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class ShortCut(nn.Module):

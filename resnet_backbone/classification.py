@@ -22,7 +22,6 @@ class ResNetModel(ResNetTrunk):
 
     def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
-        self._build_trunk(num_stages=len(self.config.depths))
         self.pooler = nn.AdaptiveAvgPool2d((1, 1))
 
     def forward(
@@ -32,7 +31,7 @@ class ResNetModel(ResNetTrunk):
         return_dict: bool | None = None,
     ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
         output_hidden_states, return_dict = self._output_options(output_hidden_states, return_dict)
-        hidden_states = self.forward_hidden_states(pixel_values, num_stages=len(self.encoder.stages))
+        hidden_states = self.forward_hidden_states(pixel_values, num_stages=self.num_built_stages)
         output = BaseModelOutputWithPoolingAndNoAttention(
             last_hidden_state=hidden_states[-1],
             pooler_output=self.pooler(hidden_states[-1]),

@@ -18,6 +18,7 @@ from typing import Any
 from .hints import close_match_hint
 from .out_features import align_out_features
 from .presets import preset_overrides
+from .specs import stage_specs
 
 LAYER_TYPES = ("basic", "bottleneck")
 HIDDEN_ACTS = ("relu", "gelu", "gelu_new", "silu", "swish", "selu")
@@ -182,13 +183,6 @@ class ResNetConfig:
             )
         return config.with_overrides(**overrides) if overrides else config
 
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Any], **overrides: Any) -> ResNetConfig:
-        """The architecture of a transformers, torchvision or timm checkpoint, read off its keys and shapes."""
-        from .weights.architecture import infer_config  # weights builds on this module
-
-        return infer_config(state_dict, **overrides)
-
     def to_json_string(self) -> str:
         """config.json text. A config that transformers cannot build exactly gets ``layer_type``
         ``"resnet_backbone:<type>"``, which transformers rejects instead of loading a different network."""
@@ -199,8 +193,6 @@ class ResNetConfig:
 
     def transformers_incompatibilities(self) -> list[str]:
         """The fields that make transformers' ResNet a different network (training-only options are fine)."""
-        from .stages import stage_specs  # stages builds on this module
-
         differences = [
             f"{name}={getattr(self, name)!r}"
             for name, value in [

@@ -12,16 +12,15 @@ from functools import partial
 from typing import Any, TypeVar
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .blocks import ShortCut
-from .layers import ConvLayer
+from .layers import ConvLayer, FrozenBatchNorm2d
 from .trunk import ResNetPreTrainedModel
 
 # Norms that are a per-channel affine map in eval mode; GroupNorm depends on each input, so it stays.
-FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, torchvision.ops.FrozenBatchNorm2d)
+FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Accuracy against the unoptimised model: max abs difference as a fraction of the feature scale.
 FLOAT32_TOLERANCE = 1e-4
@@ -71,7 +70,8 @@ def optimize_for_inference(
     if dtype is not None and dtype != torch.float32:
         model.to(dtype)
         memory_format = torch.channels_last if channels_last else torch.preserve_format
-        cast = partial(_cast_pixel_values, dtype=dtype, memory_format=memory_format)
+        # Compiled, this one cast would be a graph of its own, with guards checked per call.
+        cast = torch.compiler.disable(partial(_cast_pixel_values, dtype=dtype, memory_format=memory_format))
         model.register_forward_pre_hook(cast, with_kwargs=True)
     if compile:
         compile_for_inference(model)
@@ -104,7 +104,6 @@ def _fold_batch_norms(model: nn.Module) -> None:
             module.normalization = nn.Identity()
 
 
-@torch.compiler.disable  # compiled, this one cast would be a graph of its own, with guards checked per call
 def _cast_pixel_values(
     module: nn.Module,
     args: tuple[Any, ...],

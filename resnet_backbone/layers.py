@@ -4,24 +4,39 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from .config import GROUP_NORM_GROUPS
 
-NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, torchvision.ops.FrozenBatchNorm2d)
 
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters (all buffers): torchvision's ``FrozenBatchNorm2d``,
+    with its state-dict keys (a checkpoint's ``num_batches_tracked`` is ignored on load).
 
-class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
-    """torchvision's frozen BatchNorm, computed by the BatchNorm kernel in inference mode.
-
-    Unlike torchvision's version its output keeps the input's dtype (bf16/fp16 in, bf16/fp16 out), and it
-    is bit-for-bit ``nn.BatchNorm2d`` in eval mode. It is still an instance of torchvision's class, so
-    torchvision's detection code treats it as frozen.
+    It is computed by the BatchNorm kernel in inference mode, so it is bit-for-bit ``nn.BatchNorm2d`` in eval
+    mode and keeps the input's dtype (bf16/fp16 in, bf16/fp16 out), which torchvision's version does not.
     """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, FrozenBatchNorm2d)
 
 
 def make_norm(norm_layer: str, channels: int) -> nn.Module:

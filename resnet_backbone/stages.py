@@ -1,4 +1,4 @@
-"""Stage specs (the single source of channels, strides and dilations), the stem, and the stages.
+"""The stem and the stages, built from the stage specs.
 
 Module names follow transformers (``embedder.embedder``, ``encoder.stages.N.layers.M``) because its
 checkpoints depend on them: ``embedder`` is the stem and ``encoder`` only holds the stages.
@@ -6,62 +6,13 @@ checkpoints depend on them: ``embedder`` is the stem and ``encoder`` only holds 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .blocks import BasicLayer, BottleNeckLayer
 from .config import ResNetConfig
 from .layers import ConvLayer
-
-STEM_STRIDE = 4  # stride-2 convolution, then stride-2 max-pool
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """What a stage outputs (``channels`` at ``stride``) and how it is built."""
-
-    name: str
-    channels: int
-    stride: int
-    in_channels: int = 0
-    depth: int = 0
-    first_stride: int = 1
-    dilation: int = 1
-    first_dilation: int = 1
-
-
-def stage_specs(config: ResNetConfig) -> list[StageSpec]:
-    """Specs of ``config.stage_names``: the stem, then one per stage.
-
-    ``output_stride`` follows timm's rule: once the network's stride reaches it, later stages trade their
-    stride for dilation; each stage's first block keeps the previous stage's dilation.
-    """
-    specs = [StageSpec("stem", channels=config.embedding_size, stride=STEM_STRIDE)]
-    stride, dilation = STEM_STRIDE, 1
-    in_channels = config.embedding_size
-    for index, (channels, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
-        first_stride = 2 if index > 0 or config.downsample_in_first_stage else 1
-        previous_dilation = dilation
-        if config.output_stride is not None and stride * first_stride > config.output_stride:
-            dilation *= first_stride
-            first_stride = 1
-        stride *= first_stride
-        specs.append(
-            StageSpec(
-                config.stage_names[index + 1],
-                channels=channels,
-                stride=stride,
-                in_channels=in_channels,
-                depth=depth,
-                first_stride=first_stride,
-                dilation=dilation,
-                first_dilation=previous_dilation,
-            )
-        )
-        in_channels = channels
-    return specs
+from .specs import StageSpec, stage_specs
 
 
 class Embeddings(nn.Module):

@@ -1,5 +1,6 @@
-"""What the backbone and the classification models share: config handling, the stem-and-stages trunk,
-weight initialisation, and freezing that survives ``model.train()``."""
+"""What the backbone and the classification models share: config handling and checkpoints
+(:class:`ResNetPreTrainedModel`), and the stem-and-stages trunk with its one stage loop, weight
+initialisation, freezing that survives ``model.train()`` and gradient checkpointing (:class:`ResNetTrunk`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from .config import ResNetConfig
 from .hints import close_match_hint
 from .layers import NORM_TYPES
 from .presets import PRESETS
-from .stages import Embeddings, Encoder, StageSpec, stage_specs
+from .specs import StageSpec, stage_specs, stem_conv_spec
+from .stages import Embeddings, Encoder
 from .weights.architecture import infer_config
 from .weights.export import peer_state_dict
 from .weights.files import locate_checkpoint, read_state_dict, write_checkpoint
@@ -128,16 +130,39 @@ class ResNetPreTrainedModel(nn.Module):
         return peer_state_dict(self, "timm")
 
 
-class ResNetTrunk(ResNetPreTrainedModel):
-    """The stem (``embedder``) and the first ``num_stages`` stages (``encoder.stages``)."""
+class StageOutput(NamedTuple):
+    """One feature point of the trunk's forward: its name, stride and channels (from the stage specs) and
+    the tensor computed there."""
 
-    def _build_trunk(self, num_stages: int) -> None:
+    name: str
+    stride: int
+    channels: int
+    hidden_state: torch.Tensor
+
+
+class ResNetTrunk(ResNetPreTrainedModel):
+    """The stem (``embedder``) and the first stages (``encoder.stages``), built in one pass from the config.
+
+    Subclasses say how many stages they need (:meth:`num_stages_to_build`); the trunk owns the one stage loop
+    (:meth:`iter_stages`), freezing, and gradient checkpointing, so every model and adapter shares them.
+    """
+
+    # TorchScript compiles only what scripted callers use (scripted_hidden_states); metadata stays Python.
+    __jit_unused_properties__ = ["feature_specs", "num_built_stages", "stage_names"]
+
+    def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
         self.grad_checkpointing = False
         self.stage_specs: list[StageSpec] = stage_specs(self.config)
         self.embedder = Embeddings(self.config)
-        self.encoder = Encoder(self.config, num_stages)
+        self.encoder = Encoder(self.config, self.num_stages_to_build(self.config))
         self._init_weights()
         self.freeze(self.config.freeze_at)
+
+    @staticmethod
+    def num_stages_to_build(config: ResNetConfig) -> int:
+        """How many stages to build: all of them, unless a subclass needs fewer."""
+        return len(config.depths)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -163,7 +188,7 @@ class ResNetTrunk(ResNetPreTrainedModel):
             module.requires_grad_(index >= freeze_at)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> ResNetTrunk:
+    def train(self, mode: bool = True) -> Self:
         """Set train mode, except for norms that ``freeze_at`` or ``norm_eval`` keep in eval mode."""
         super().train(mode)
         if mode:
@@ -179,6 +204,70 @@ class ResNetTrunk(ResNetPreTrainedModel):
         (non-reentrant ``torch.utils.checkpoint``; timm's name). Frozen stages and eval mode skip it."""
         self.grad_checkpointing = enable
 
+    # ---------------------------------------------------------------- metadata
+
+    @property
+    def feature_specs(self) -> list[StageSpec]:
+        """Every point :meth:`iter_stages` can yield, built or not: the stem before its max-pool, then
+        ``stage_names``."""
+        return [stem_conv_spec(self.config), *self.stage_specs]
+
+    @property
+    def num_built_stages(self) -> int:
+        """The deepest ``stage_names`` index this trunk computes (0: the stem alone)."""
+        return len(self.encoder.stages)
+
+    # ---------------------------------------------------------------- forward
+
+    def iter_stages(
+        self, pixel_values: torch.Tensor, *, last_index: int | None = None, stem_conv: bool = False
+    ) -> Iterator[StageOutput]:
+        """The one stage loop: the input check, then each point of ``stage_names[:last_index + 1]`` in order
+        (default: every built stage), preceded by the stem before its max-pool when ``stem_conv``.
+
+        Each stage is recomputed in the backward pass under gradient checkpointing unless it is frozen.
+        """
+        check_pixel_values(pixel_values, self.config.num_channels)
+        last_index = self.num_built_stages if last_index is None else last_index
+        if last_index > self.num_built_stages:
+            raise ValueError(
+                f"{self.stage_names[last_index]!r} is not built: this trunk stops at "
+                f"{self.stage_names[self.num_built_stages]!r}."
+            )
+        hidden_state = pixel_values
+        stem, *stages = self.stage_modules()[: last_index + 1]
+        if stem_conv:
+            hidden_state = self._run(0, stem.embedder, hidden_state)
+            yield _output(stem_conv_spec(self.config), hidden_state)
+            hidden_state = stem.pooler(hidden_state)
+        else:
+            hidden_state = self._run(0, stem, hidden_state)
+        yield _output(self.stage_specs[0], hidden_state)
+        for index, stage in enumerate(stages, start=1):
+            hidden_state = self._run(index, stage, hidden_state)
+            yield _output(self.stage_specs[index], hidden_state)
+
+    def forward_hidden_states(self, pixel_values: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+        """The stem output, then the output of each of the first ``num_stages`` stages."""
+        return [output.hidden_state for output in self.iter_stages(pixel_values, last_index=num_stages)]
+
+    def scripted_hidden_states(self, pixel_values: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+        """:meth:`forward_hidden_states` in the subset of Python that TorchScript compiles (no generator, no
+        input check, no checkpointing): only TorchScript-scripted callers use it, and a test keeps it equal."""
+        hidden_state = self.embedder(pixel_values)
+        hidden_states = [hidden_state]
+        for index, stage in enumerate(self.encoder.stages):
+            if index < num_stages:
+                hidden_state = stage(hidden_state)
+                hidden_states.append(hidden_state)
+        return hidden_states
+
+    def _run(self, index: int, stage: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointed and index >= self.config.freeze_at:
+            return _checkpointed(stage, hidden_state)
+        return stage(hidden_state)
+
     def _output_options(self, output_hidden_states: bool | None, return_dict: bool | None) -> tuple[bool, bool]:
         """Per-call options, defaulting to the config's (transformers' convention)."""
         return (
@@ -186,23 +275,13 @@ class ResNetTrunk(ResNetPreTrainedModel):
             self.config.return_dict if return_dict is None else return_dict,
         )
 
-    def forward_hidden_states(self, pixel_values: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
-        """The stem output, then the output of each of the first ``num_stages`` stages."""
-        if not torch.jit.is_scripting():
-            check_pixel_values(pixel_values, self.config.num_channels)
-        hidden_state, hidden_states = pixel_values, []
-        for index, stage in enumerate(self.stage_modules()[: num_stages + 1]):
-            hidden_state = self.forward_stage(index, stage, hidden_state)
-            hidden_states.append(hidden_state)
-        return hidden_states
+    @property
+    def stage_names(self) -> list[str]:
+        return self.config.stage_names
 
-    def forward_stage(self, index: int, stage: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
-        """Run ``stage`` (``stage_names[index]`` or a part of it, such as the stem before its max-pool),
-        recomputed in the backward pass under gradient checkpointing unless it is frozen."""
-        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        if checkpointed and index >= self.config.freeze_at and not torch.jit.is_scripting():
-            return _checkpointed(stage, hidden_state)
-        return stage(hidden_state)
+
+def _output(spec: StageSpec, hidden_state: torch.Tensor) -> StageOutput:
+    return StageOutput(spec.name, spec.stride, spec.channels, hidden_state)
 
 
 def _checkpointed(stage: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:

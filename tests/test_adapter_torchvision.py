@@ -9,7 +9,7 @@ from torchvision.models import detection, segmentation
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as torchvision_resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from resnet_backbone import ResNetBackbone
+from resnet_backbone import CheckpointMismatchError, ResNetBackbone
 from resnet_backbone.adapters.torchvision import (
     ResNetBody,
     build_detector,
@@ -18,6 +18,7 @@ from resnet_backbone.adapters.torchvision import (
     resnet_fpn_backbone,
 )
 from resnet_backbone.layers import FrozenBatchNorm2d
+from resnet_backbone.weights import load_checkpoint
 
 SMALL_DETECTION = dict(min_size=96, max_size=128)
 
@@ -102,6 +103,21 @@ def test_the_body_returns_named_features_and_a_whole_detector_scripts(tmp_path):
         assert torch.equal(mine["boxes"], reference["boxes"]) and torch.equal(mine["scores"], reference["scores"])
 
 
+def test_the_body_follows_the_backbones_selection_eagerly_and_when_scripted():
+    backbone = ResNetBackbone.from_preset("resnet18").eval()
+    body = ResNetBody(backbone)
+    backbone.out_features = ["stage1", "stage3"]  # after the body was built
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = body(x)
+        scripted = torch.jit.script(body)(x)
+    assert list(features) == list(body.output_shape()) == list(scripted) == ["stage1", "stage3"]
+    for (name, feature), (channels, stride) in zip(features.items(), body.output_shape().values(), strict=True):
+        assert feature.shape[1:] == (channels, 64 // stride, 96 // stride)
+        assert torch.equal(scripted[name], feature)  # the scripted stage loop computes what the eager one does
+    assert body.size_divisibility == backbone.size_divisibility == 16
+
+
 # ---------------------------------------------------------------- parity with torchvision's models
 
 
@@ -151,9 +167,32 @@ def test_weights_of_another_model_kind_are_refused_and_nothing_is_loaded():
     theirs = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5)
     ours = build_detector("fasterrcnn", "resnet50", num_classes=5)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    with pytest.raises(ValueError, match=r"do not fit this FasterRCNN.*missing .*rpn\..*unexpected .*head\."):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"(?s)does not fit this FasterRCNN.*missing .*rpn\..*unexpected .*head\."
+    ):
         load_torchvision_weights(ours, theirs)
     assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+
+
+def test_a_mis_shaped_detector_checkpoint_fails_as_a_mis_shaped_backbone_checkpoint_does():
+    """One loader: the same error type, report fields and 'nothing was loaded' promise as the core's."""
+    theirs = detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=7)
+    ours = build_detector("fasterrcnn", "resnet50", num_classes=5)
+    with pytest.raises(CheckpointMismatchError, match="nothing was loaded") as detector_error:
+        load_torchvision_weights(ours, theirs)
+    mis_shaped = {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.bbox_pred.weight"}
+    assert mis_shaped <= {key for key, _, _ in detector_error.value.report.mismatched_keys}
+    assert not detector_error.value.report.missing_keys and not detector_error.value.report.unexpected_keys
+
+    backbone_checkpoint = ResNetBackbone.from_preset("resnet18").state_dict()
+    with pytest.raises(CheckpointMismatchError, match="nothing was loaded") as backbone_error:
+        load_checkpoint(ResNetBackbone.from_preset("resnet50"), backbone_checkpoint)
+    assert type(backbone_error.value) is type(detector_error.value)
+    assert backbone_error.value.report.mismatched_keys or backbone_error.value.report.missing_keys
+
+    report = load_torchvision_weights(ours, theirs, strict=False)
+    assert ours.load_report is report and not report.is_exact
+    assert {key for key, _, _ in report.mismatched_keys} >= mis_shaped
 
 
 # ---------------------------------------------------------------- every builder trains

@@ -125,6 +125,19 @@ def test_selecting_an_unbuilt_stage_later_is_a_clear_error():
     assert backbone.out_features == ["stem", "stage1"]
 
 
+@pytest.mark.parametrize("output_stride", [None, 8])
+def test_the_stage_iterator_yields_every_point_with_the_metadata_of_its_tensor(output_stride):
+    backbone = ResNetBackbone(**TINY_BOTTLENECK, out_features=["stage3"], output_stride=output_stride).eval()
+    with torch.no_grad():
+        outputs = list(backbone.iter_stages(torch.randn(1, 3, 64, 64), stem_conv=True))
+    assert [o.name for o in outputs] == ["stem_conv", "stem", "stage1", "stage2", "stage3"]
+    assert outputs[1:] and [o.name for o in outputs[1:]] == backbone.stage_names[:4]
+    for output, spec in zip(outputs, backbone.feature_specs, strict=False):
+        assert (output.stride, output.channels) == (spec.stride, spec.channels)
+        assert output.hidden_state.shape[1:] == (output.channels, 64 // output.stride, 64 // output.stride)
+    assert backbone.size_divisibility == outputs[-1].stride
+
+
 def test_forward_is_a_plain_loop_that_traces_without_graph_breaks(images):
     backbone = ResNetBackbone(**TINY_BASIC, out_features=["stage1", "stage3"]).eval()
     explanation = torch._dynamo.explain(backbone)(images)

@@ -14,6 +14,7 @@ from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, rando
 from torchvision.models._utils import IntermediateLayerGetter
 
 from resnet_backbone import PRESETS, ResNetBackbone, ResNetConfig, ResNetForImageClassification, ResNetModel
+from resnet_backbone.weights import infer_config
 
 STAGES = ALL_STAGES[1:]
 TORCHVISION_LAYERS = {"layer1": "stage1", "layer2": "stage2", "layer3": "stage3", "layer4": "stage4"}
@@ -64,12 +65,12 @@ def test_timm_resnet18_family_and_classifier_logits(images):
 def test_the_architecture_of_every_peer_checkpoint_is_inferred(name):
     with torch.device("meta"):
         peer = getattr(torchvision.models, name)() if hasattr(torchvision.models, name) else timm.create_model(name)
-    assert ResNetConfig.from_state_dict(peer.state_dict()) == ResNetConfig.from_preset(name, num_labels=1000)
+    assert infer_config(peer.state_dict()) == ResNetConfig.from_preset(name, num_labels=1000)
 
 
 def test_the_architecture_of_a_transformers_checkpoint_is_inferred():
     theirs = transformers.ResNetForImageClassification(transformers.ResNetConfig(**TINY_BASIC, num_labels=5))
-    config = ResNetConfig.from_state_dict(theirs.state_dict())
+    config = infer_config(theirs.state_dict())
     assert config == ResNetConfig(**TINY_BASIC, num_labels=5)
 
 

@@ -18,19 +18,14 @@ from torch.export import Dim
 from ..backbone import ResNetBackbone
 
 
-def size_divisor(model: nn.Module) -> int:
-    """The deepest stride ``model`` (a ``ResNetBackbone`` or the torchvision adapter's FPN) computes."""
-    backbone = _backbone_of(model)
-    return max(spec.stride for spec in backbone.stage_specs[: len(backbone.encoder.stages) + 1])
-
-
 def dynamic_shapes(model: nn.Module, max_side: int = 4096, max_batch: int = 1024) -> dict[str, dict[int, Any]]:
     """``dynamic_shapes`` for ``torch.export.export(model, (pixel_values,), dynamic_shapes=...)``: any batch,
-    and heights and widths that are multiples of :func:`size_divisor` up to ``max_side``.
+    and heights and widths that are multiples of ``model.size_divisibility`` (the deepest stride it
+    computes) up to ``max_side``.
 
     The example ``pixel_values`` needs a batch of 2 or more: torch.export specialises sizes 0 and 1.
     """
-    divisor = size_divisor(model)
+    divisor = model.size_divisibility
     height = Dim("height_blocks", min=1, max=max_side // divisor)
     width = Dim("width_blocks", min=1, max=max_side // divisor)
     return {"pixel_values": {0: Dim("batch", min=1, max=max_batch), 2: divisor * height, 3: divisor * width}}
@@ -73,7 +68,7 @@ def export_onnx(
             raise ValueError("out_features applies to a ResNetBackbone; the FPN's outputs are fixed when it is built.")
         model.out_features = out_features
     model = model.eval()
-    divisor = size_divisor(model)
+    divisor = model.size_divisibility
     example = torch.randn(2, _backbone_of(model).config.num_channels, 2 * divisor, 3 * divisor)
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

@@ -13,7 +13,7 @@ from ..config import ResNetConfig
 from ..presets import PRESETS
 from .convert import FORMATS, convert
 from .demo import DemoOptions, run_demo
-from .deploy import export_onnx, onnx_max_abs_diff, output_names, size_divisor
+from .deploy import export_onnx, onnx_max_abs_diff, output_names
 from .info import format_stage_table, stage_rows
 from .train import add_arguments as add_training_arguments
 from .train import run as run_training
@@ -73,7 +73,7 @@ def _run_export_onnx(args: argparse.Namespace) -> None:
         model = resnet_fpn_backbone(model, out_features=out_features)
     path = export_onnx(model, args.output, opset=args.opset)
     print(f"wrote {path}: input pixel_values, outputs {output_names(model)} (dynamic batch, height, width)")
-    divisor = size_divisor(model)
+    divisor = model.size_divisibility
     sizes = [(1, 2 * divisor, 3 * divisor), (2, 5 * divisor, 4 * divisor)]
     difference = onnx_max_abs_diff(path, model, sizes)
     print(f"onnxruntime vs PyTorch at {sizes} (batch, height, width): max abs difference {difference:.3g}")

@@ -4,7 +4,7 @@ from .architecture import describe, infer_config, same_architecture
 from .export import export_problems, peer_state_dict
 from .files import read_state_dict, write_checkpoint
 from .layouts import from_canonical, to_canonical
-from .loading import CheckpointMismatchError, LoadReport, load_checkpoint
+from .loading import CheckpointMismatchError, LoadReport, load_checkpoint, load_placed
 
 __all__ = [
     "CheckpointMismatchError",
@@ -14,6 +14,7 @@ __all__ = [
     "from_canonical",
     "infer_config",
     "load_checkpoint",
+    "load_placed",
     "peer_state_dict",
     "read_state_dict",
     "same_architecture",

@@ -48,7 +48,6 @@ _SHORTCUT_RULES = {
     for avg_down in (False, True)
 }
 _CLASSIFIER_RULES = [("classifier.1", "fc")]
-CLASSIFIER_PREFIXES = ("classifier.", "fc.")
 
 
 @dataclass(frozen=True)

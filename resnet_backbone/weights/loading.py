@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -75,27 +75,63 @@ def load_checkpoint(
     """
     canonical, layout = to_canonical(state_dict)
     report = LoadReport(source_layout="transformers" if layout is None else "torchvision/timm")
-    model_state = model.state_dict()
-    model_key_of = dict(zip(strip_known_prefixes(dict.fromkeys(model_state)), model_state))
-    to_load = {}
+    model_keys = list(model.state_dict())
+    model_key_of = dict(zip(strip_known_prefixes(dict.fromkeys(model_keys)), model_keys))
+    placed = {}
     for key, value in canonical.items():
         model_key = model_key_of.get(key)
-        if model_key is None:
-            if key.endswith("num_batches_tracked"):
-                continue
+        if model_key is not None:
+            placed[model_key] = value
+        elif not key.endswith("num_batches_tracked"):
             _unplaced_keys(report, key, model_key_of, model).append(key)
-        elif tuple(value.shape) != tuple(model_state[model_key].shape):
-            report.mismatched_keys.append((key, tuple(value.shape), tuple(model_state[model_key].shape)))
-        else:
-            to_load[model_key] = value
-    report.missing_keys = [
-        key for key in model_key_of if key not in canonical and not key.endswith("num_batches_tracked")
-    ]
-    if strict and not report.is_exact:
-        raise CheckpointMismatchError(_mismatch_message(report, state_dict, model), report)
-    model.load_state_dict(to_load, strict=False)
+    load_placed(
+        model,
+        placed,
+        report,
+        strict=strict,
+        subject=f"{type(model).__name__} ({describe(model.config)})",
+        likely_cause=lambda: _likely_cause(report, state_dict, model),
+    )
     if norm_eps:
         _copy_norm_eps(model, norm_eps, layout)
+    return report
+
+
+def load_placed(
+    model: nn.Module,
+    placed: Mapping[str, torch.Tensor],
+    report: LoadReport,
+    *,
+    strict: bool = True,
+    subject: str | None = None,
+    likely_cause: Callable[[], str | None] = lambda: None,
+) -> LoadReport:
+    """The all-or-nothing step every loader ends with, for tensors already under ``model``'s own keys.
+
+    Adds to ``report`` the unexpected, missing and mis-shaped keys (``num_batches_tracked`` is never
+    required). Strict and not exact: raises :class:`CheckpointMismatchError` naming them all, with
+    ``likely_cause()`` when it has one, and loads nothing. Else loads what fits.
+    """
+    model_state = model.state_dict()
+    fitting = {}
+    for key, value in placed.items():
+        if key not in model_state:
+            if not key.endswith("num_batches_tracked"):
+                report.unexpected_keys.append(key)
+        elif tuple(value.shape) != tuple(model_state[key].shape):
+            report.mismatched_keys.append((key, tuple(value.shape), tuple(model_state[key].shape)))
+        else:
+            fitting[key] = value
+    report.missing_keys += [key for key in model_state if key not in placed and not key.endswith("num_batches_tracked")]
+    if strict and not report.is_exact:
+        lines = [f"The checkpoint does not fit {subject or type(model).__name__}; nothing was loaded."]
+        lines.append(str(report).split("\n", 1)[1])
+        cause = likely_cause()
+        if cause:
+            lines.append(f"Likely cause: {cause}")
+        lines.append("Pass strict=False to load what fits and get this report as model.load_report instead.")
+        raise CheckpointMismatchError("\n".join(lines), report)
+    model.load_state_dict(fitting, strict=False)
     return report
 
 
@@ -110,27 +146,24 @@ def _unplaced_keys(report: LoadReport, key: str, model_key_of: Mapping[str, str]
     return report.unexpected_keys
 
 
-def _mismatch_message(report: LoadReport, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str:
-    lines = [f"The checkpoint does not fit {type(model).__name__} ({describe(model.config)}); nothing was loaded."]
-    lines.append(str(report).split("\n", 1)[1])
+def _likely_cause(report: LoadReport, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:
     try:
         checkpoint_config = infer_config(state_dict)
     except ValueError:
         checkpoint_config = None
     if checkpoint_config is not None and not same_architecture(checkpoint_config, model.config):
-        lines.append(
-            f"Likely cause: this looks like a {describe(checkpoint_config)} checkpoint; the config is "
-            f"{describe(model.config)}. Load it with from_pretrained / from_torchvision / from_timm, which read "
-            "the architecture from the checkpoint, or fix the config."
+        return (
+            f"this looks like a {describe(checkpoint_config)} checkpoint; the config is {describe(model.config)}. "
+            "Load it with from_pretrained / from_torchvision / from_timm, which read the architecture from the "
+            "checkpoint, or fix the config."
         )
-    elif any(key.startswith("classifier.") for key, _, _ in report.mismatched_keys):
+    if any(key.endswith(("classifier.1.weight", "classifier.1.bias")) for key, _, _ in report.mismatched_keys):
         labels = checkpoint_config.num_labels if checkpoint_config else "a different number of"
-        lines.append(
-            f"Likely cause: the checkpoint's classifier has {labels} labels and the config {model.config.num_labels}. "
+        return (
+            f"the checkpoint's classifier has {labels} labels and the config {model.config.num_labels}. "
             "Pass num_labels to match, or strict=False to keep a freshly initialised classifier."
         )
-    lines.append("Pass strict=False to load what fits and get this report as model.load_report instead.")
-    return "\n".join(lines)
+    return None
 
 
 def _copy_norm_eps(model: nn.Module, norm_eps: Mapping[str, float], layout: PeerLayout | None) -> None:

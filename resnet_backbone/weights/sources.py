@@ -7,16 +7,14 @@ Hugging Face Hub cache), so their progress bars, hash checks and offline setting
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import WeightsEnum
 
 from .files import read_state_dict
 from .layouts import extract_state_dict
@@ -35,8 +33,12 @@ class Checkpoint:
 def torchvision_checkpoint(source: Any) -> Checkpoint:
     """A torchvision ResNet model, a state dict, a checkpoint file, or a weights enum (or its name)."""
     if isinstance(source, str) and "_Weights." in source and not Path(source).exists():
+        import torchvision  # only a weights name needs it
+
         source = torchvision.models.get_weight(source)
-    if isinstance(source, WeightsEnum):
+    # A weights enum can only exist once torchvision is imported.
+    torchvision_models = sys.modules.get("torchvision.models")
+    if torchvision_models is not None and isinstance(source, torchvision_models.WeightsEnum):
         state_dict = source.get_state_dict(progress=True, check_hash=True)
         categories = source.meta.get("categories")
         return Checkpoint(state_dict, config_fields=dict(id2label=dict(enumerate(categories))) if categories else {})
@@ -46,6 +48,8 @@ def torchvision_checkpoint(source: Any) -> Checkpoint:
 def timm_checkpoint(source: Any) -> Checkpoint:
     """A timm ResNet model, a state dict, a checkpoint file, or a timm name (``"resnet50.a1_in1k"``)."""
     if isinstance(source, str) and not Path(source).exists():
+        import timm  # only a model name needs it
+
         if not timm.is_model(source):
             raise ValueError(
                 f"{source!r} is neither an existing file nor a timm model name (e.g. 'resnet50.a1_in1k'); "
