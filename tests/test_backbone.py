@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torchvision
 import transformers
 from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
 from torch import nn
 
 from resnet_backbone import BackboneOutput, ResNetBackbone, ResNetConfig
+from resnet_backbone.blocks import DropPath
 from resnet_backbone.layers import FrozenBatchNorm2d
 
 
@@ -219,6 +221,14 @@ def test_frozen_batch_norm_matches_batch_norm_in_eval_mode_and_keeps_the_input_d
         assert frozen.to(torch.bfloat16)(images.bfloat16()).feature_maps[0].dtype == torch.bfloat16
 
 
+def test_frozen_batch_norm_is_torchvisions_in_keys_and_outputs(images):
+    theirs = randomize_norms(torchvision.ops.FrozenBatchNorm2d(3))
+    ours = FrozenBatchNorm2d(3)
+    ours.load_state_dict({**theirs.state_dict(), "num_batches_tracked": torch.tensor(7)})  # as BatchNorm writes it
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert max_abs_diff(ours(images), theirs(images)) <= 1e-6
+
+
 def test_zero_init_residual_zeroes_the_last_norm_of_every_block():
     backbone = ResNetBackbone(**TINY_BOTTLENECK, zero_init_residual=True)
     last_norms = [layer.layer[-1].normalization for stage in backbone.encoder.stages for layer in stage.layers]
@@ -239,6 +249,15 @@ def test_drop_path_rate_grows_linearly_as_timm_and_is_only_active_in_training(im
         torch.manual_seed(0)
         first = backbone(images).feature_maps[0]
         assert not torch.equal(first, backbone(images).feature_maps[0])
+
+
+def test_drop_path_draws_what_timms_drop_path_draws(images):
+    ours, theirs = DropPath(0.3).train(), timm.layers.DropPath(0.3).train()
+    torch.manual_seed(5)
+    expected = theirs(images)
+    torch.manual_seed(5)
+    assert torch.equal(ours(images), expected) and not torch.equal(expected, images)
+    assert torch.equal(ours.eval()(images), images)
 
 
 def test_selu_is_applied_after_the_residual_sum():

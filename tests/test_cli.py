@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from resnet_backbone import ResNetConfig, ResNetModel
+from resnet_backbone.cli.main import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -72,6 +73,36 @@ def test_info_reads_a_config_json(tmp_path):
 def test_info_errors_are_short_and_actionable(args, message):
     result = run_cli(*args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["info", "resnet18", "--input", "3x0x64"], "CHANNELSxHEIGHTxWIDTH"),
+        (["convert", "{tmp}/missing.safetensors", "{tmp}/out"], "does not exist"),
+        (["convert", "{file}", "{tmp}/out"], "not a readable safetensors file"),
+        (["convert", "{file}", "/nonexistent/folder/weights.pth", "--to", "torchvision"], "/nonexistent/folder"),
+        (["demo", "--epochs", "0"], "expected an integer >= 1, got '0'"),
+        (["demo", "--output-dir", "{file}/pictures"], "is a file, not a folder"),
+        (["train", "--steps", "0"], "expected an integer >= 1, got '0'"),
+        (["train", "--batch-size", "-2"], "expected an integer >= 1, got '-2'"),
+        (["train", "--lr", "zero"], "expected a number > 0, got 'zero'"),
+        (["train", "--data", "{tmp}/no-such-coco"], "expected an existing folder"),
+        (["train", "--output-dir", "{file}"], "exists and is not a folder"),
+        (["export-onnx", "resnet18", "/nonexistent/dir/o.onnx"], "the folder /nonexistent/dir does not exist"),
+        (["export-onnx", "resnet18", "{tmp}"], "is a folder; expected a file path"),
+        (["export-onnx", "resnet5", "{tmp}/o.onnx"], "Did you mean 'resnet50'"),
+    ],
+)
+def test_every_verb_ends_a_user_error_with_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+    file = tmp_path / "bad.safetensors"
+    file.write_bytes(b"not a checkpoint")
+    before = sorted(tmp_path.rglob("*"))
+    code = main([arg.format(tmp=tmp_path, file=file) for arg in args])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error, error
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert sorted(tmp_path.rglob("*")) == before  # nothing was written
 
 
 def _reported_difference(stdout: str) -> float:

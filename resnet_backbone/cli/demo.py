@@ -31,7 +31,7 @@ class DemoOptions:
     eval_images: int = 96
     batch_size: int = 8
     learning_rate: float = 1e-3
-    precision: str = "auto"  # "auto", "bf16" or "fp32"
+    precision: str = "auto"  # one of PRECISIONS
     seed: int = 0
 
 

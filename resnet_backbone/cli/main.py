@@ -11,12 +11,14 @@ from ..adapters.torchvision import resnet_fpn_backbone
 from ..backbone import ResNetBackbone
 from ..config import ResNetConfig
 from ..presets import PRESETS
+from .arguments import ArgumentParser, output_directory, output_file, positive_int
 from .convert import FORMATS, convert
 from .demo import DemoOptions, run_demo
 from .deploy import export_onnx, onnx_max_abs_diff, output_names
 from .info import format_stage_table, stage_rows
 from .train import add_arguments as add_training_arguments
 from .train import run as run_training
+from .training import PRECISIONS
 
 
 def config_from_argument(source: str) -> ResNetConfig:
@@ -51,6 +53,7 @@ def _run_info(args: argparse.Namespace) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
+    (output_directory if args.target_format == "hf" else output_file)(args.destination)
     result = convert(args.source, args.destination, source_format=args.source_format, target_format=args.target_format)
     formats = f"{result.source_format} -> {result.target_format}"
     print(f"converted {result.architecture} ({formats}): {result.destination}")
@@ -60,7 +63,7 @@ def _run_convert(args: argparse.Namespace) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     options = DemoOptions(
         epochs=args.epochs, image_size=args.image_size, preset=args.preset, weights=args.weights,
-        output_dir=Path(args.output_dir), train_images=args.train_images, eval_images=args.eval_images,
+        output_dir=args.output_dir, train_images=args.train_images, eval_images=args.eval_images,
         precision=args.precision,
     )  # fmt: skip
     run_demo(options)
@@ -86,8 +89,8 @@ def _run_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnet-backbone", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser = ArgumentParser(prog="resnet-backbone", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=ArgumentParser)
 
     info = verbs.add_parser("info", help="stage table: channels, strides, shapes, parameters, GFLOPs")
     info.add_argument("model", metavar="PRESET_OR_CONFIG_JSON", help=f"one of {', '.join(PRESETS)}, or a config.json")
@@ -106,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser("demo", help="fine-tune an FCOS detector on synthetic shapes, on the CPU, and show it")
     defaults = DemoOptions()
-    demo.add_argument("--epochs", type=int, default=defaults.epochs)
-    demo.add_argument("--image-size", type=int, default=defaults.image_size, metavar="PIXELS")
+    demo.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    demo.add_argument("--image-size", type=positive_int, default=defaults.image_size, metavar="PIXELS")
     demo.add_argument("--preset", default=defaults.preset, choices=PRESETS, metavar="PRESET")
     demo.add_argument("--weights", help="checkpoint to start from: anything from_pretrained accepts")
-    demo.add_argument("--output-dir", default=str(defaults.output_dir), metavar="DIR")
-    demo.add_argument("--train-images", type=int, default=defaults.train_images, metavar="N")
-    demo.add_argument("--eval-images", type=int, default=defaults.eval_images, metavar="N")
-    demo.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=defaults.precision,
+    demo.add_argument("--output-dir", type=output_directory, default=str(defaults.output_dir), metavar="DIR")
+    demo.add_argument("--train-images", type=positive_int, default=defaults.train_images, metavar="N")
+    demo.add_argument("--eval-images", type=positive_int, default=defaults.eval_images, metavar="N")
+    demo.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                       help="auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32")  # fmt: skip
     demo.set_defaults(run=_run_demo)
 
@@ -122,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx = verbs.add_parser("export-onnx", help="export to ONNX (dynamic batch, height, width) and verify it")
     onnx.add_argument("model", metavar="MODEL", help="a preset, or anything from_pretrained accepts")
-    onnx.add_argument("output", metavar="OUTPUT.onnx")
+    onnx.add_argument("output", type=output_file, metavar="OUTPUT.onnx")
     onnx.add_argument("--out-features", nargs="+", metavar="NAME", help="stages to output (default: the config's)")
-    onnx.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    onnx.add_argument("--opset", type=positive_int, help="ONNX opset version (default: the exporter's)")
     onnx.add_argument("--fpn", action="store_true", help="export the torchvision adapter's FPN on these features")
     onnx.set_defaults(run=_run_export_onnx)
 
@@ -138,13 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one verb. A user error (bad input, an unreadable or unwritable path) is one line on stderr and exit
+    code 2; argument errors are caught while parsing, before any work starts."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         args.run(args)
-    except ValueError as error:
-        print(f"resnet-backbone {args.verb}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"resnet-backbone {args.verb}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or error}: {error.filename}"
+    return str(error).replace("\n", " ")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from ..presets import PRESETS
 from ..trunk import ResNetTrunk
 from ..weights import load_checkpoint
 from ..weights.architecture import describe
+from .arguments import existing_directory, non_negative_int, output_directory, positive_float, positive_int
 from .synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
-from .training import TrainingOptions, distributed_world, fit
+from .training import PRECISIONS, TrainingOptions, distributed_world, fit
 
 DETECTORS = ("fcos", "fasterrcnn", "retinanet")
 SEGMENTERS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
@@ -39,20 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=PRESETS, default="resnet18", metavar="PRESET")
     parser.add_argument("--weights", help="backbone checkpoint to start from: anything from_pretrained accepts")
     parser.add_argument("--out-features", nargs="+", metavar="NAME", help="detection: stages the FPN uses")
-    parser.add_argument("--trainable-layers", type=int, help="stages trained, counted from the last (torchvision)")
+    parser.add_argument(
+        "--trainable-layers", type=non_negative_int, help="stages trained, counted from the last (torchvision)"
+    )
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (frozen stages stay)")
-    parser.add_argument("--data", type=Path, help="COCO folder: annotations.json and images/ (detection)")
-    parser.add_argument("--image-size", type=int, default=128, metavar="PIXELS")
-    parser.add_argument("--train-images", type=int, default=640, metavar="N", help="size of the synthetic set")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=8, help="per process")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--data", type=existing_directory, help="COCO folder: annotations.json and images/ (detection)")
+    parser.add_argument("--image-size", type=positive_int, default=128, metavar="PIXELS")
+    parser.add_argument("--train-images", type=positive_int, default=640, metavar="N", help="size of the synthetic set")
+    parser.add_argument("--steps", type=positive_int, default=400)
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="per process")
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=Path("train-output"), metavar="DIR")
-    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
+    parser.add_argument("--output-dir", type=output_directory, default="train-output", metavar="DIR")
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=100, metavar="STEPS")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    parser.add_argument("--stop-at-step", type=int, metavar="STEP", help="end this run early, checkpointed")
+    parser.add_argument("--stop-at-step", type=positive_int, metavar="STEP", help="end this run early, checkpointed")
     return parser
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..weights.files import atomic_write
 from .distributed import convert_sync_batchnorm
 
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the device computes it natively, else fp32
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "losses.jsonl"
 
@@ -41,7 +42,7 @@ class TrainingOptions:
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
-    precision: str = "auto"  # "auto" (bf16 where the hardware computes it natively), "bf16" or "fp32"
+    precision: str = "auto"  # one of PRECISIONS
     seed: int = 0
     output_dir: Path | None = None  # checkpoints and the loss log go here (rank 0 writes)
     checkpoint_every: int = 0  # steps; 0 = only at the end
@@ -84,8 +85,8 @@ def distributed_world() -> Iterator[World]:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"auto"``: bf16 where the device computes it natively (CUDA with bf16, AVX512-BF16 or AMX CPUs)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if precision != "auto":
         return precision
     if device.type == "cuda":
