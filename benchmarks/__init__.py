@@ -1,7 +1,7 @@
 """Side-by-side benchmark of this project's ResNetBackbone against torchvision, timm and transformers.
 
-Run ``python -m benchmarks`` (or ``resnet-backbone bench``) from the repository root; ``--help`` lists the
-options. See README.md, "Performance".
+Run ``resnet-backbone bench`` (any install: this package installs as ``resnet_backbone.benchmarks``) or
+``python -m benchmarks`` from the repository root; ``--help`` lists the options. See README.md, "Performance".
 """
 
 from .suite import main
