@@ -3,20 +3,28 @@ masks, augmentation that keeps targets right, evaluation, and the errors a wrong
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as coco_mask
+from torch import nn
 
 from resnet_backbone import ResNetBackbone
 from resnet_backbone.cli.augmentation import detection_transforms
 from resnet_backbone.cli.coco import CocoFolder
+from resnet_backbone.cli.evaluation import evaluate
+from resnet_backbone.cli.evaluation import run as evaluation_run
 from resnet_backbone.cli.main import main
+from resnet_backbone.cli.masks import IGNORE_INDEX, MaskFolder
+from resnet_backbone.cli.task_model import TaskSpec
 
 TINY_RUN = ["--image-size", "64", "--batch-size", "2", "--precision", "fp32", "--steps", "2", "--eval-every", "1"]
 SIZES = [(64, 64), (48, 80), (72, 56), (64, 96), (56, 64), (80, 48)]  # height, width
@@ -72,13 +80,24 @@ def folders(tmp_path_factory):
     categories = [{"id": SQUARE, "name": "square"}, {"id": BAR, "name": "bar"}]
     (coco / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                        "categories": categories}))  # fmt: skip
+    # A held-out folder of two images (one with the crowd region), as small as evaluation can be.
+    (coco / "val" / "images").mkdir(parents=True)
+    held_out = [image for image in images if image["id"] in (2, 3)]
+    for image in held_out:
+        shutil.copy(coco / "images" / image["file_name"], coco / "val" / "images")
+    kept = [annotation for annotation in annotations if annotation["image_id"] in (2, 3)]
+    (coco / "val" / "annotations.json").write_text(json.dumps({"images": held_out, "annotations": kept,
+                                                               "categories": categories}))  # fmt: skip
     return coco, semantic
 
 
 def test_a_real_coco_folder_is_cleaned_as_torchvision_references_do(folders):
     coco, _ = folders
     dataset = CocoFolder(coco, masks=True)
-    assert str(dataset.report) == "ignored 1 crowd box, dropped 1 degenerate box, 1 image without annotations kept as a negative"
+    assert (
+        str(dataset.report)
+        == "ignored 1 crowd box, dropped 1 degenerate box, 1 image without annotations kept as a negative"
+    )
     assert dataset.id2label == {0: "background", 1: "square", 2: "bar"}
     image, negative = dataset[1]
     assert image.shape == (3, 48, 80) and negative["boxes"].shape == (0, 4) and negative["labels"].shape == (0,)
@@ -160,33 +179,103 @@ def _metrics(directory) -> list[dict]:
     return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_evaluated(output, key: str) -> dict:
-    """Two evaluations logged, values in [0, 1], and ``evaluate best/`` reproduces the best one."""
+class _Oracle(nn.Module):
+    """A stand-in detector that predicts the ground truth, plus a confident box on every crowd region."""
+
+    def __init__(self, dataset: CocoFolder) -> None:
+        super().__init__()
+        self.targets = [dataset[index][1] for index in range(len(dataset))]
+        self.calls = 0
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        target = self.targets[self.calls]
+        self.calls += 1
+        return [{"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"]))}]
+
+
+def test_detection_metrics_follow_the_coco_protocol_for_crowd_regions(folders):
+    coco, _ = folders
+    dataset = CocoFolder(coco, keep_crowd=True)
+    spec = TaskSpec("detection", "fcos", dataset.num_classes, 64, dataset.id2label, [SQUARE, BAR])
+    perfect = evaluate(_Oracle(dataset), dataset, spec, torch.device("cpu"))
+    assert perfect == {"mAP@0.5": 1.0, "mAP": 1.0}  # the detection on the crowd region is no false positive
+    without_crowd = CocoFolder(coco)  # not flagged as crowd, the region's detection is a false positive
+    assert evaluate(_Oracle(dataset), without_crowd, spec, torch.device("cpu"))["mAP"] < 1.0
+
+
+class _SegmentationOracle(nn.Module):
+    """Logits that put each pixel in the class of its mask, and class 0 on the ignored pixels."""
+
+    def __init__(self, dataset: MaskFolder) -> None:
+        super().__init__()
+        self.masks = [dataset[index][1] for index in range(len(dataset))]
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mask = self.masks[self.calls].clone()
+        self.calls += 1
+        mask[mask == IGNORE_INDEX] = 0
+        logits = F.one_hot(mask, 3).permute(2, 0, 1)[None].float()
+        return F.interpolate(logits, size=images.shape[-2:], mode="nearest")
+
+
+def test_segmentation_metrics_ignore_255_and_report_every_class(folders):
+    _, semantic = folders
+    dataset = MaskFolder(semantic)
+    spec = TaskSpec("segmentation", "unet", dataset.num_classes, 64, dataset.id2label)
+    metrics = evaluate(_SegmentationOracle(dataset), dataset, spec, torch.device("cpu"))
+    assert metrics["per_class_IoU"].keys() == {"0", "1", "2"}
+    assert metrics["mIoU"] > 0.9 and all(iou > 0.85 for iou in metrics["per_class_IoU"].values())
+
+
+def _train_and_evaluate(output, *args: str) -> list[dict]:
+    """Train, then check the metrics log and that ``evaluate best/`` reproduces the best line."""
+    assert main(["train", *TINY_RUN, *args, "--output-dir", str(output)]) == 0
     lines = _metrics(output)
-    assert [line["step"] for line in lines] == [1, 2]
-    assert all(0 <= line[key] <= 1 for line in lines)
+    key = "mAP" if "mAP" in lines[0] else "mIoU"
+    assert all(0 <= line[name] <= 1 for line in lines for name in line if name in ("mAP", "mAP@0.5", "mIoU"))
     best = max(lines, key=lambda line: line[key])
-    return best
+    data = args[args.index("--val-data") + 1]
+    assert evaluation_run(argparse.Namespace(model=output / "best", data=Path(data))) == {
+        name: value for name, value in best.items() if name != "step"
+    }
+    return lines
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("detector", ["fcos", "fasterrcnn", "maskrcnn"])
 def test_each_detector_trains_on_the_coco_folder_and_evaluates(folders, tmp_path, capsys, detector):
     coco, _ = folders
-    output = tmp_path / "run"
-    args = [*TINY_RUN, "--detector", detector, "--data", str(coco), "--val-data", str(coco)]
-    assert main(["train", *args, "--output-dir", str(output)]) == 0
+    lines = _train_and_evaluate(tmp_path, "--detector", detector, "--data", str(coco), "--val-data", str(coco / "val"))
     log = capsys.readouterr().out
     assert "ignored 1 crowd box, dropped 1 degenerate box, 1 image without annotations kept as a negative" in log
-    lines = _metrics(output)
-    assert [line["step"] for line in lines] == [1, 2] and re_line(lines[-1]) in log
-    assert all(0 <= line[key] <= 1 for line in lines for key in ("mAP@0.5", "mAP"))
-    best = max(lines, key=lambda line: line["mAP"])
-    assert main(["evaluate", str(output / "best"), "--data", str(coco)]) == 0
-    assert capsys.readouterr().out.strip() == f"mAP@0.5 {best['mAP@0.5']:.4f}, mAP {best['mAP']:.4f}"
-    backbone = ResNetBackbone.from_pretrained(output / "model")
+    assert [line["step"] for line in lines] == [1, 2]
+    assert f"step 2: mAP@0.5 {lines[1]['mAP@0.5']:.4f}, mAP {lines[1]['mAP']:.4f}" in log
+    backbone = ResNetBackbone.from_pretrained(tmp_path / "model")
     assert backbone.config.id2label == {0: "background", 1: "square", 2: "bar"}
 
 
-def re_line(metrics: dict) -> str:
-    return f"step {metrics['step']}: mAP@0.5 {metrics['mAP@0.5']:.4f}, mAP {metrics['mAP']:.4f}"
+@pytest.mark.slow
+def test_segmentation_trains_on_the_mask_folder_and_evaluates(folders, tmp_path):
+    _, semantic = folders
+    lines = _train_and_evaluate(
+        tmp_path, "--task", "segmentation", "--data", str(semantic), "--val-data", str(semantic)
+    )
+    assert lines[-1]["per_class_IoU"].keys() == {"0", "1", "2"}
+
+
+@pytest.mark.slow
+def test_ddp_evaluates_on_rank_zero_with_the_numbers_of_one_process(folders, tmp_path):
+    coco, _ = folders
+    command = [
+        shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "resnet_backbone.cli", "train",
+        *TINY_RUN, "--batch-size", "1", "--data", str(coco), "--val-data", str(coco / "val"),
+        "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("ignored 1 crowd box") == 1 and "(identical)" in result.stdout
+    lines = _metrics(tmp_path)
+    assert [line["step"] for line in lines] == [1, 2]  # written once, by rank 0
+    alone = evaluation_run(argparse.Namespace(model=tmp_path / "model", data=coco / "val"))
+    assert alone == {"mAP@0.5": lines[-1]["mAP@0.5"], "mAP": lines[-1]["mAP"]}

@@ -58,8 +58,8 @@ def build_task_model(
     else:
         model = _smp_model(spec.architecture, backbone, spec.num_classes)
     trunk = backbone_of(model)
-    trunk.config.id2label = dict(spec.id2label)
-    trunk.config.label2id = {label: index for index, label in spec.id2label.items()}
+    label2id = {label: index for index, label in spec.id2label.items()}
+    trunk.config = trunk.config.with_overrides(num_labels=len(spec.id2label), id2label=spec.id2label, label2id=label2id)
     return model
 
 
