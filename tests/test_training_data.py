@@ -7,6 +7,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,9 +269,9 @@ def test_segmentation_trains_on_the_mask_folder_and_evaluates(folders, tmp_path)
 def test_ddp_evaluates_on_rank_zero_with_the_numbers_of_one_process(folders, tmp_path):
     coco, _ = folders
     command = [
-        shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "resnet_backbone.cli", "train",
-        *TINY_RUN, "--batch-size", "1", "--data", str(coco), "--val-data", str(coco / "val"),
-        "--output-dir", str(tmp_path),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "resnet_backbone.cli", "train", *TINY_RUN, "--batch-size", "1",
+        "--data", str(coco), "--val-data", str(coco / "val"), "--output-dir", str(tmp_path),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -43,7 +43,8 @@ def evaluation_data(spec: TaskSpec, directory: Path) -> Dataset:
 
 def evaluate(model: nn.Module, dataset: Dataset, spec: TaskSpec, device: torch.device) -> dict[str, Any]:
     """The metrics of ``model`` on ``dataset``, without touching the training's random state; the model is
-    left in eval mode."""
+    left in eval mode. One process computes them all (torchmetrics' cross-process sync stays off, so the
+    other ranks of a DDP job need not join)."""
     model.eval()
     with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if spec.task == "detection":
@@ -54,7 +55,7 @@ def evaluate(model: nn.Module, dataset: Dataset, spec: TaskSpec, device: torch.d
 def _detection_metrics(model: nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
     from torchmetrics.detection import MeanAveragePrecision
 
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", sync_on_compute=False)
     for index in range(len(dataset)):
         image, target = dataset[index]
         (prediction,) = model([image.to(device)])
@@ -66,8 +67,9 @@ def _detection_metrics(model: nn.Module, dataset: Dataset, device: torch.device)
 def _segmentation_metrics(model: nn.Module, dataset: Dataset, spec: TaskSpec, device: torch.device) -> dict[str, Any]:
     from torchmetrics.classification import MulticlassJaccardIndex
 
-    mean_iou = MulticlassJaccardIndex(spec.num_classes, average="macro", ignore_index=IGNORE_INDEX)
-    class_iou = MulticlassJaccardIndex(spec.num_classes, average="none", ignore_index=IGNORE_INDEX)
+    options = dict(num_classes=spec.num_classes, ignore_index=IGNORE_INDEX, sync_on_compute=False)
+    mean_iou = MulticlassJaccardIndex(average="macro", **options)
+    class_iou = MulticlassJaccardIndex(average="none", **options)
     for index in range(len(dataset)):
         image, mask = dataset[index]
         resized = F.interpolate(image[None].to(device), size=(spec.image_size,) * 2, mode="bilinear")
