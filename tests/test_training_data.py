@@ -166,7 +166,7 @@ def test_an_invalid_mask_folder_is_one_clear_error_that_writes_nothing(folders, 
     output = tmp_path / "run"
     args = ["train", *TINY_RUN, "--task", "segmentation", "--data", str(semantic), "--output-dir", str(output)]
     assert main([*args, "--num-classes", "2"]) == 2
-    assert "masks/0.png holds class index 2, beyond --num-classes 2" in capsys.readouterr().err
+    assert "masks/0.png holds class index 2, beyond the 2 classes" in capsys.readouterr().err
     Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(semantic / "masks" / "2.png")
     assert main(args) == 2
     assert "masks/2.png is 10x10 (HxW) but its image" in capsys.readouterr().err

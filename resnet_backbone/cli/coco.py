@@ -140,10 +140,11 @@ class CocoFolder(Dataset):
             images[image["id"]] = _ImageTargets(path)
             sizes[image["id"]] = _image_size(path, entry)
         label_of = {category.id: label for label, category in enumerate(self.categories, 1)}
-        for index, annotation in enumerate(_entries(data, "annotations", where)):
+        annotations = _entries(data, "annotations", where)
+        for index, annotation in enumerate(annotations):
             entry = f"{where}: annotations[{index}] (id {annotation.get('id')!r})"
             self._add(annotation, entry, images, sizes, label_of)
-        self.report.negative_images = sum(not image.boxes and not image.iscrowd for image in images.values())
+        self.report.negative_images = len(images.keys() - {annotation["image_id"] for annotation in annotations})
         return list(images.values())
 
     def _add(self, annotation: dict, entry: str, images: dict, sizes: dict, label_of: dict[int, int]) -> None:

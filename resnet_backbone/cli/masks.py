@@ -48,8 +48,8 @@ class MaskFolder(Dataset):
         offenders = [mask for mask, index in largest.items() if num_classes is not None and index >= num_classes]
         if offenders:
             raise ValueError(
-                f"{offenders[0]} holds class index {largest[offenders[0]]}, beyond --num-classes {num_classes} "
-                f"(indices 0..{num_classes - 1}, and {IGNORE_INDEX} = ignore)."
+                f"{offenders[0]} holds class index {largest[offenders[0]]}, beyond the {num_classes} classes "
+                f"(indices 0..{num_classes - 1}, and {IGNORE_INDEX} = ignore): set --num-classes to cover it."
             )
         self.num_classes = num_classes if num_classes is not None else max(largest.values()) + 1
         self.transforms = transforms
