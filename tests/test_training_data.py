@@ -176,6 +176,12 @@ def test_an_invalid_mask_folder_is_one_clear_error_that_writes_nothing(folders, 
     assert not output.exists()
 
 
+def test_evaluate_refuses_a_directory_that_is_no_fine_tuned_model(folders, tmp_path, capsys):
+    ResNetBackbone.from_preset("resnet18").save_pretrained(tmp_path / "backbone")
+    assert main(["evaluate", str(tmp_path / "backbone"), "--data", str(folders[0])]) == 2
+    assert "is not a fine-tuned model directory" in capsys.readouterr().err
+
+
 def _metrics(directory) -> list[dict]:
     return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
 

@@ -105,17 +105,13 @@ def _task(args: argparse.Namespace) -> _Task:
         raise ValueError("--val-data needs --data: evaluation uses the label mapping of your own training folder.")
     if args.num_classes is not None and args.task != "segmentation":
         raise ValueError("--num-classes is for --task segmentation; detection reads its classes from the categories.")
+    dataset, spec = _detection_data(args) if args.task == "detection" else _segmentation_data(args)
+    val_dataset = None if args.val_data is None else evaluation_data(spec, args.val_data)
     backbone = args.weights or args.preset
     if args.task == "detection":
-        dataset, spec = _detection_data(args)
         model = build_task_model(spec, backbone, trainable_layers=args.trainable_layers)
-        collate, compute_loss = collate_detection, detection_loss
-    else:
-        dataset, spec = _segmentation_data(args)
-        model = build_task_model(spec, backbone)
-        collate, compute_loss = None, _segmentation_loss
-    val_dataset = None if args.val_data is None else evaluation_data(spec, args.val_data)
-    return _Task(model, spec, dataset, compute_loss, collate, val_dataset)
+        return _Task(model, spec, dataset, detection_loss, collate_detection, val_dataset)
+    return _Task(build_task_model(spec, backbone), spec, dataset, _segmentation_loss, None, val_dataset)
 
 
 def _detection_data(args: argparse.Namespace) -> tuple[Dataset, TaskSpec]:
