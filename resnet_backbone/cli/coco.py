@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as TF
+
+from .images import image_size, read_image
 
 ANNOTATIONS_NAME = "annotations.json"
 IMAGES_DIR = "images"
@@ -103,8 +103,7 @@ class CocoFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         entry = self._images[index]
-        with Image.open(entry.path) as file:
-            image = tv_tensors.Image(TF.to_dtype(TF.pil_to_tensor(file.convert("RGB")), torch.float32, scale=True))
+        image = read_image(entry.path)
         height, width = image.shape[-2:]
         target: dict[str, torch.Tensor] = {
             "boxes": tv_tensors.BoundingBoxes(
@@ -138,7 +137,7 @@ class CocoFolder(Dataset):
             if not path.is_file():
                 raise ValueError(f"{entry}: the image file {path} does not exist.")
             images[image["id"]] = _ImageTargets(path)
-            sizes[image["id"]] = _image_size(path, entry)
+            sizes[image["id"]] = image_size(path, entry)
         label_of = {category.id: label for label, category in enumerate(self.categories, 1)}
         annotations = _entries(data, "annotations", where)
         for index, annotation in enumerate(annotations):
@@ -215,14 +214,6 @@ def _require_keys(entry: dict, keys: Sequence[str], where: str) -> None:
     missing = [key for key in keys if key not in entry]
     if missing:
         raise ValueError(f"{where}: missing {', '.join(map(repr, missing))} (it has {', '.join(map(repr, entry))}).")
-
-
-def _image_size(path: Path, where: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except OSError as error:
-        raise ValueError(f"{where}: {path} is not an image PIL can read ({error}).") from None
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as TF
+
+from .images import image_size, read_image
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
@@ -63,8 +64,7 @@ class MaskFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        with Image.open(image_path) as file:
-            image = tv_tensors.Image(TF.to_dtype(TF.pil_to_tensor(file.convert("RGB")), torch.float32, scale=True))
+        image = read_image(image_path)
         mask = tv_tensors.Mask(torch.from_numpy(_read_mask(mask_path)).long())
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
@@ -85,8 +85,7 @@ def _checked_largest_index(image_path: Path, mask_path: Path) -> int:
     if not mask_path.is_file():
         raise ValueError(f"{image_path} has no mask: expected {mask_path} (a PNG with the image's stem).")
     mask = _read_mask(mask_path)
-    with Image.open(image_path) as image:
-        size = (image.height, image.width)
+    size = image_size(image_path, f"the image of {mask_path}")
     if mask.shape != size:
         raise ValueError(
             f"{mask_path} is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image {image_path} is {size[0]}x{size[1]}."
