@@ -19,12 +19,14 @@ from pycocotools import mask as coco_mask
 from torch import nn
 
 from resnet_backbone import ResNetBackbone
+from resnet_backbone.adapters.torchvision import build_detector, detection_loss
 from resnet_backbone.cli.augmentation import detection_transforms
 from resnet_backbone.cli.coco import CocoFolder
 from resnet_backbone.cli.evaluation import evaluate
 from resnet_backbone.cli.evaluation import run as evaluation_run
 from resnet_backbone.cli.main import main
 from resnet_backbone.cli.masks import IGNORE_INDEX, MaskFolder
+from resnet_backbone.cli.synthetic import collate_detection
 from resnet_backbone.cli.task_model import TaskSpec
 
 TINY_RUN = ["--image-size", "64", "--batch-size", "2", "--precision", "fp32", "--steps", "2", "--eval-every", "1"]
@@ -112,6 +114,17 @@ def test_a_real_coco_folder_is_cleaned_as_torchvision_references_do(folders):
     evaluation = CocoFolder(coco, keep_crowd=True, categories=dataset.categories)
     _, crowded = evaluation[2]
     assert crowded["iscrowd"].tolist() == [0, 0, 1] and crowded["boxes"][2].tolist() == [2, 30, 30, 44]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detector", ["fcos", "maskrcnn"])
+def test_the_detectors_train_on_a_negative_image_and_past_a_zero_width_box(folders, detector):
+    dataset = CocoFolder(folders[0], masks=detector == "maskrcnn")
+    model = build_detector(detector, "resnet18", num_classes=dataset.num_classes, min_size=64, max_size=64)
+    batch = collate_detection([dataset[0], dataset[1]])  # image 0 had the zero-width box, image 1 has no annotation
+    loss = detection_loss(model.train(), batch)
+    loss.backward()
+    assert torch.isfinite(loss)
 
 
 def test_augmentation_moves_boxes_and_masks_together(folders):
