@@ -13,12 +13,10 @@ import pytest
 import torch
 from helpers import TINY_BASIC
 from torch import nn
-from torchvision.utils import save_image
 
 from resnet_backbone import ResNetBackbone, ResNetConfig
 from resnet_backbone.cli.distributed import convert_sync_batchnorm
 from resnet_backbone.cli.main import main
-from resnet_backbone.cli.synthetic import render_scene
 
 TINY_RUN = ["--train-images", "16", "--image-size", "64", "--batch-size", "4", "--precision", "fp32"]
 
@@ -60,29 +58,6 @@ def test_ddp_under_torchrun_keeps_both_ranks_identical(tmp_path):
     assert "find_unused_parameters" not in result.stderr and len(_losses(tmp_path)) == 3
     backbone = ResNetBackbone.from_pretrained(tmp_path / "backbone")
     assert backbone.out_features == ["stage2", "stage3"] and len(backbone.encoder.stages) == 3
-
-
-def test_training_reads_a_coco_folder(tmp_path):
-    images, annotations, categories = tmp_path / "images", [], [{"id": 1, "name": "circle"}]
-    images.mkdir()
-    for index in range(8):
-        scene = render_scene(index, size=64)
-        save_image(scene.image, images / f"{index}.png")
-        for box, label in zip(scene.boxes.tolist(), scene.labels.tolist()):
-            x1, y1, x2, y2 = box
-            width, height = x2 - x1, y2 - y1
-            annotation = {"image_id": index, "category_id": label, "bbox": [x1, y1, width, height]}
-            annotations.append({**annotation, "id": len(annotations) + 1, "area": width * height, "iscrowd": 0})
-    coco = {
-        "images": [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(8)],
-        "annotations": annotations,
-        "categories": categories + [{"id": 2, "name": "square"}, {"id": 3, "name": "triangle"}],
-    }
-    (tmp_path / "annotations.json").write_text(json.dumps(coco))
-    output = tmp_path / "run"
-    args = [*TINY_RUN, "--steps", "2", "--data", str(tmp_path), "--output-dir", str(output)]
-    assert main(["train", *args, "--detector", "fasterrcnn"]) == 0
-    assert len(_losses(output)) == 2 and all(loss == loss for loss in _losses(output))
 
 
 # ---------------------------------------------------------------- SyncBatchNorm

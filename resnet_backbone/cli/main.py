@@ -15,6 +15,8 @@ from .arguments import ArgumentParser, output_directory, output_file, positive_i
 from .convert import FORMATS, convert
 from .demo import DemoOptions, run_demo
 from .deploy import export_onnx, onnx_max_abs_diff, output_names
+from .evaluation import add_arguments as add_evaluation_arguments
+from .evaluation import run as run_evaluation
 from .info import format_stage_table, stage_rows
 from .train import add_arguments as add_training_arguments
 from .train import run as run_training
@@ -122,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     trainer = verbs.add_parser("train", help="fine-tune a detector or segmenter, alone or under torchrun")
     add_training_arguments(trainer).set_defaults(run=run_training)
+
+    evaluator = verbs.add_parser(
+        "evaluate", help="mAP or mIoU of a fine-tuned model (train's OUTPUT_DIR/best) on a folder"
+    )
+    add_evaluation_arguments(evaluator).set_defaults(run=run_evaluation)
 
     onnx = verbs.add_parser("export-onnx", help="export to ONNX (dynamic batch, height, width) and verify it")
     onnx.add_argument("model", metavar="MODEL", help="a preset, or anything from_pretrained accepts")

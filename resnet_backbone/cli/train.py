@@ -1,16 +1,18 @@
 """``resnet-backbone train`` (also ``python -m resnet_backbone.cli train``): fine-tune a detector or a segmenter on
 this backbone, in one process or many under ``torchrun --nproc_per_node=N``.
 
-Detection: a torchvision detector (FCOS, Faster R-CNN, RetinaNet) on the synthetic shapes, or on a COCO
-folder (``--data DIR`` with ``annotations.json`` and ``images/``). Segmentation: a
+Detection: a torchvision detector (FCOS, Faster R-CNN, Mask R-CNN, RetinaNet) on the synthetic shapes, or on
+a COCO folder (``--data DIR`` with ``annotations.json`` and ``images/``). Segmentation: a
 segmentation_models_pytorch model with this backbone as its ``tu-rb_<preset>`` encoder, on the synthetic
-shapes' masks.
+shapes' masks or on a mask folder (``--data DIR`` with ``images/`` and ``masks/``). ``--val-data`` evaluates
+during training (see ``evaluation``).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +21,30 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..adapters.torchvision import build_detector, detection_loss
-from ..backbone import ResNetBackbone
+from ..adapters.torchvision import detection_loss
 from ..presets import PRESETS
-from ..trunk import ResNetTrunk
-from ..weights import load_checkpoint
-from ..weights.architecture import describe
 from .arguments import existing_directory, non_negative_int, output_directory, positive_float, positive_int
+from .augmentation import detection_transforms, segmentation_transforms
+from .coco import BACKGROUND, CocoFolder
+from .evaluation import PeriodicEvaluation, evaluation_data
+from .masks import IGNORE_INDEX, MaskFolder
 from .synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
+from .task_model import SEGMENTERS, TaskSpec, backbone_of, build_task_model, save_task_model
 from .training import PRECISIONS, TrainingOptions, distributed_world, fit
 
-DETECTORS = ("fcos", "fasterrcnn", "retinanet")
-SEGMENTERS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
+DETECTORS = ("fcos", "fasterrcnn", "maskrcnn", "retinanet")
+MODEL_DIR = "model"
+SYNTHETIC_LABELS = {0: BACKGROUND, **dict(enumerate(SHAPE_CLASSES, 1))}
+
+
+@dataclass(frozen=True)
+class _Task:
+    model: nn.Module
+    spec: TaskSpec
+    dataset: Dataset
+    compute_loss: Callable[[nn.Module, Any], torch.Tensor]
+    collate: Callable | None
+    val_dataset: Dataset | None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -44,7 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--trainable-layers", type=non_negative_int, help="stages trained, counted from the last (torchvision)"
     )
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (frozen stages stay)")
-    parser.add_argument("--data", type=existing_directory, help="COCO folder: annotations.json and images/ (detection)")
+    parser.add_argument("--data", type=existing_directory, metavar="DIR",
+                        help="COCO folder (annotations.json, images/); segmentation: images/, masks/")  # fmt: skip
+    parser.add_argument("--val-data", type=existing_directory, metavar="DIR",
+                        help="held-out folder of the same layout as --data")  # fmt: skip
+    parser.add_argument("--eval-every", type=non_negative_int, default=100, metavar="STEPS",
+                        help="and at the end; 0: only then")  # fmt: skip
+    parser.add_argument("--num-classes", type=positive_int, metavar="N",
+                        help="segmentation: classes (default: from the masks)")  # fmt: skip
+    parser.add_argument("--no-augment", action="store_true", help="no flip and scale jitter of the training data")
     parser.add_argument("--image-size", type=positive_int, default=128, metavar="PIXELS")
     parser.add_argument("--train-images", type=positive_int, default=640, metavar="N", help="size of the synthetic set")
     parser.add_argument("--steps", type=positive_int, default=400)
@@ -63,76 +85,75 @@ def run(args: argparse.Namespace) -> list[float]:
     """Build the task's model and data from ``args`` and train; returns this process's losses."""
     with distributed_world() as world:
         torch.manual_seed(args.seed)  # every process builds the same initial model
-        model, dataset, compute_loss, collate = _task(args)
+        task = _task(args)
+        if world.is_main and isinstance(task.dataset, CocoFolder):
+            print(f"{task.dataset.annotations_path}: {task.dataset.report}")
         options = TrainingOptions(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, precision=args.precision,
             seed=args.seed, output_dir=args.output_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
             stop_at_step=args.stop_at_step, sync_batchnorm=args.sync_bn,
         )  # fmt: skip
-        losses = fit(model, dataset, compute_loss, options, world, collate_fn=collate)
+        evaluation = None
+        if task.val_dataset is not None:
+            evaluation = PeriodicEvaluation(task.val_dataset, task.spec, args.eval_every, args.output_dir, world)
+        losses = fit(
+            task.model, task.dataset, task.compute_loss, options, world, collate_fn=task.collate, after_step=evaluation
+        )
         if world.is_main:
-            _save_backbone(model, args.output_dir / "backbone")
+            _save_backbone(task.model, args.output_dir / "backbone")
+            save_task_model(task.model, args.output_dir / MODEL_DIR, task.spec)
     return losses
 
 
-def _task(args: argparse.Namespace) -> tuple[nn.Module, Dataset, Callable[[nn.Module, Any], torch.Tensor], Any]:
+def _task(args: argparse.Namespace) -> _Task:
+    """The model, data and loss ``args`` ask for; every folder is read and checked here, before training."""
+    if args.val_data is not None and args.data is None:
+        raise ValueError("--val-data needs --data: evaluation uses the label mapping of your own training folder.")
+    if args.num_classes is not None and args.task != "segmentation":
+        raise ValueError("--num-classes is for --task segmentation; detection reads its classes from the categories.")
+    dataset, spec = _detection_data(args) if args.task == "detection" else _segmentation_data(args)
+    val_dataset = None if args.val_data is None else evaluation_data(spec, args.val_data)
     backbone = args.weights or args.preset
     if args.task == "detection":
-        dataset, num_classes = _detection_data(args)
-        model = build_detector(
-            args.detector, backbone, num_classes=num_classes, trainable_layers=args.trainable_layers,
-            out_features=args.out_features, min_size=args.image_size, max_size=args.image_size,
-        )  # fmt: skip
-        return model, dataset, detection_loss, collate_detection
-    if args.data is not None:
-        raise ValueError("--data reads COCO detection folders; segmentation trains on the synthetic masks.")
-    model = _smp_model(args.segmenter, args.preset, args.weights)
-    dataset = SyntheticSegmentation(args.train_images, size=args.image_size, seed=args.seed)
-    return model, dataset, _segmentation_loss, None
+        model = build_task_model(spec, backbone, trainable_layers=args.trainable_layers)
+        return _Task(model, spec, dataset, detection_loss, collate_detection, val_dataset)
+    return _Task(build_task_model(spec, backbone), spec, dataset, _segmentation_loss, None, val_dataset)
 
 
-def _detection_data(args: argparse.Namespace) -> tuple[Dataset, int]:
+def _detection_data(args: argparse.Namespace) -> tuple[Dataset, TaskSpec]:
+    masks = args.detector == "maskrcnn"
+    common = dict(
+        task="detection", architecture=args.detector, image_size=args.image_size, out_features=args.out_features
+    )
     if args.data is None:
-        return SyntheticDetection(args.train_images, size=args.image_size, seed=args.seed), len(SHAPE_CLASSES) + 1
-    from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
-    from torchvision.transforms import v2
+        if masks:
+            raise ValueError("--detector maskrcnn trains on instance masks: give a COCO folder with --data.")
+        dataset = SyntheticDetection(args.train_images, size=args.image_size, seed=args.seed)
+        return dataset, TaskSpec(num_classes=len(SYNTHETIC_LABELS), id2label=SYNTHETIC_LABELS, **common)
+    transforms = detection_transforms(args.image_size, augment=not args.no_augment)
+    dataset = CocoFolder(args.data, masks=masks, transforms=transforms)
+    category_ids = [category.id for category in dataset.categories]
+    return dataset, TaskSpec(
+        num_classes=dataset.num_classes, id2label=dataset.id2label, category_ids=category_ids, **common
+    )
 
-    annotations = args.data / "annotations.json"
-    if not annotations.is_file() or not (args.data / "images").is_dir():
-        raise ValueError(f"--data {args.data} must hold annotations.json and an images/ folder (COCO layout).")
-    transforms = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-    coco = CocoDetection(str(args.data / "images"), str(annotations), transforms=transforms)
-    num_classes = max(coco.coco.getCatIds(), default=0) + 1
-    return wrap_dataset_for_transforms_v2(coco, target_keys=("boxes", "labels")), num_classes
+
+def _segmentation_data(args: argparse.Namespace) -> tuple[Dataset, TaskSpec]:
+    common = dict(task="segmentation", architecture=args.segmenter, image_size=args.image_size)
+    if args.data is None:
+        dataset = SyntheticSegmentation(args.train_images, size=args.image_size, seed=args.seed)
+        return dataset, TaskSpec(num_classes=len(SYNTHETIC_LABELS), id2label=SYNTHETIC_LABELS, **common)
+    transforms = segmentation_transforms(args.image_size, augment=not args.no_augment)
+    dataset = MaskFolder(args.data, num_classes=args.num_classes, transforms=transforms)
+    return dataset, TaskSpec(num_classes=dataset.num_classes, id2label=dataset.id2label, **common)
 
 
 def _segmentation_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     images, masks = batch
-    return F.cross_entropy(model(images).float(), masks)
-
-
-def _smp_model(kind: str, preset: str, weights: str | None) -> nn.Module:
-    """An smp model whose encoder is this backbone (``tu-rb_<preset>``), from ``weights`` when given."""
-    try:
-        import segmentation_models_pytorch as smp
-    except ImportError:
-        raise ValueError("--task segmentation needs segmentation_models_pytorch (pip install it).") from None
-    from ..adapters import timm as _registers_rb_models  # noqa: F401
-
-    pretrained = None if weights is None else ResNetBackbone.load(weights)
-    if pretrained is not None:
-        preset = describe(pretrained.config)
-        if preset not in PRESETS:
-            raise ValueError(f"--weights holds a {preset}, which is not a preset the tu-rb_ encoders cover.")
-    model = getattr(smp, SEGMENTERS[kind])(f"tu-rb_{preset}", encoder_weights=None, classes=len(SHAPE_CLASSES) + 1)
-    if pretrained is not None:
-        encoder = next(m for m in model.encoder.modules() if isinstance(m, ResNetTrunk))
-        load_checkpoint(encoder, pretrained.state_dict())
-    return model
+    return F.cross_entropy(model(images).float(), masks, ignore_index=IGNORE_INDEX)
 
 
 def _save_backbone(model: nn.Module, directory: Path) -> None:
     """Keep the fine-tuned backbone as a checkpoint that ``from_pretrained`` reads back."""
-    trunk = next(m for m in model.modules() if isinstance(m, ResNetTrunk))
-    trunk.save_pretrained(directory)
+    backbone_of(model).save_pretrained(directory)
     print(f"saved the fine-tuned backbone to {directory}")

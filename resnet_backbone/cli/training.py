@@ -117,10 +117,13 @@ def fit(
     world: World,
     *,
     collate_fn: Callable | None = None,
+    after_step: Callable[[nn.Module, int, bool], None] | None = None,
 ) -> list[float]:
     """Train ``model`` for ``options.steps`` steps; returns this run's losses (averaged over ranks).
 
     ``compute_loss(model, batch)`` gives the loss of one batch (already on the device).
+    ``after_step(model, step, is_last_step)`` runs on every rank after each step (e.g. evaluation), with
+    the model unwrapped from DDP and in training mode; it must leave it in training mode.
     """
     torch.manual_seed(options.seed)
     precision = resolve_precision(options.precision, world.device)
@@ -173,6 +176,8 @@ def fit(
                 _log(options, step, loss_value, scheduler.get_last_lr()[0])
             if step == last_step or (options.checkpoint_every and step % options.checkpoint_every == 0):
                 _save(model, optimizer, scheduler, step, options, world)
+            if after_step is not None:
+                after_step(model, step, step == last_step)
             if step == last_step:
                 break
     progress.close()

@@ -1,0 +1,136 @@
+"""Held-out evaluation: during training (``--val-data``, rank 0) and on its own (``resnet-backbone evaluate``).
+
+Detection: mAP@0.5 and mAP@[.5:.95] by torchmetrics' ``MeanAveragePrecision`` (the COCO protocol through
+pycocotools, so crowd regions neither count as misses nor make detections on them false positives).
+Segmentation: mIoU and per-class IoU by torchmetrics' ``MulticlassJaccardIndex``, 255 ignored; each image
+is predicted at the training size and the logits resized back to its mask. Every result is printed,
+appended to ``metrics.jsonl``, and the best model so far kept as ``best/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .coco import CocoFolder
+from .masks import IGNORE_INDEX, MaskFolder
+from .task_model import TaskSpec, load_task_model, save_task_model
+from .training import World
+
+METRICS_NAME = "metrics.jsonl"
+BEST_DIR = "best"
+PRIMARY_METRIC = {"detection": "mAP", "segmentation": "mIoU"}
+
+
+def evaluation_data(spec: TaskSpec, directory: Path) -> Dataset:
+    """``directory`` read as ``spec``'s task: COCO boxes (crowd kept, flagged) with the training label
+    mapping, or masks checked against the model's classes."""
+    if spec.task == "detection":
+        if spec.category_ids is None:
+            raise ValueError("This detector was trained on the synthetic shapes; it has no COCO categories to map.")
+        return CocoFolder(directory, keep_crowd=True, categories=spec.categories)
+    return MaskFolder(directory, num_classes=spec.num_classes)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, spec: TaskSpec, device: torch.device) -> dict[str, Any]:
+    """The metrics of ``model`` on ``dataset``, without touching the training's random state; the model is
+    left in eval mode. One process computes them all (torchmetrics' cross-process sync stays off, so the
+    other ranks of a DDP job need not join)."""
+    model.eval()
+    with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if spec.task == "detection":
+            return _detection_metrics(model, dataset, device)
+        return _segmentation_metrics(model, dataset, spec, device)
+
+
+def _detection_metrics(model: nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", sync_on_compute=False)
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        (prediction,) = model([image.to(device)])
+        metric.update([{key: value.cpu() for key, value in prediction.items()}], [target])
+    result = metric.compute()
+    return {"mAP@0.5": float(result["map_50"]), "mAP": float(result["map"])}
+
+
+def _segmentation_metrics(model: nn.Module, dataset: Dataset, spec: TaskSpec, device: torch.device) -> dict[str, Any]:
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    options = dict(num_classes=spec.num_classes, ignore_index=IGNORE_INDEX, sync_on_compute=False)
+    mean_iou = MulticlassJaccardIndex(average="macro", **options)
+    class_iou = MulticlassJaccardIndex(average="none", **options)
+    for index in range(len(dataset)):
+        image, mask = dataset[index]
+        resized = F.interpolate(image[None].to(device), size=(spec.image_size,) * 2, mode="bilinear")
+        logits = F.interpolate(model(resized).float(), size=mask.shape, mode="bilinear")
+        prediction = logits.argmax(dim=1).cpu()
+        mean_iou.update(prediction, mask[None])
+        class_iou.update(prediction, mask[None])
+    per_class = {str(label): float(iou) for label, iou in enumerate(class_iou.compute())}
+    return {"mIoU": float(mean_iou.compute()), "per_class_IoU": per_class}
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One log line: ``step 40: mAP@0.5 0.512, mAP 0.231`` or ``mIoU 0.6 (per class 0: 0.9, 1: 0.3)``."""
+    scalars = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key not in ("step", "per_class_IoU"))
+    line = f"step {metrics['step']}: {scalars}" if "step" in metrics else scalars
+    if "per_class_IoU" in metrics:
+        line += (
+            " (per class " + ", ".join(f"{label}: {iou:.4f}" for label, iou in metrics["per_class_IoU"].items()) + ")"
+        )
+    return line
+
+
+class PeriodicEvaluation:
+    """``fit``'s ``after_step``: rank 0 evaluates every ``every`` steps (0: never) and at the last step,
+    logs, and saves the best model so far to ``output_dir/best``; other ranks wait for it."""
+
+    def __init__(self, dataset: Dataset, spec: TaskSpec, every: int, output_dir: Path, world: World) -> None:
+        self.dataset, self.spec, self.every, self.output_dir, self.world = dataset, spec, every, output_dir, world
+        self.metric = PRIMARY_METRIC[spec.task]
+        log = output_dir / METRICS_NAME
+        earlier = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        self.best = max((entry[self.metric] for entry in earlier), default=-math.inf)  # a resumed run keeps its best
+
+    def __call__(self, model: nn.Module, step: int, last: bool) -> None:
+        if not (last or (self.every and step % self.every == 0)):
+            return
+        if self.world.is_main:
+            metrics = {"step": step, **evaluate(model, self.dataset, self.spec, self.world.device)}
+            model.train()
+            print(format_metrics(metrics))
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / METRICS_NAME, "a", encoding="utf-8") as log:
+                log.write(json.dumps(metrics) + "\n")
+            if metrics[self.metric] > self.best:
+                self.best = metrics[self.metric]
+                save_task_model(model, self.output_dir / BEST_DIR, self.spec)
+        if self.world.size > 1:
+            dist.barrier()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", type=Path, metavar="MODEL_DIR", help="train's OUTPUT_DIR/model or OUTPUT_DIR/best")
+    parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="a COCO folder or a mask folder")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """``resnet-backbone evaluate``: the metrics of a fine-tuned model on a folder, printed as one line."""
+    model, spec = load_task_model(args.model)
+    dataset = evaluation_data(spec, args.data)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    metrics = evaluate(model.to(device), dataset, spec, device)
+    print(format_metrics(metrics))
+    return metrics

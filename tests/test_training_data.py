@@ -1,0 +1,302 @@
+"""Fine-tuning on the user's own folders: COCO files as labelling tools export them, instance and semantic
+masks, augmentation that keeps targets right, evaluation, and the errors a wrong folder gives."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as coco_mask
+from torch import nn
+
+from resnet_backbone import ResNetBackbone
+from resnet_backbone.adapters.torchvision import build_detector, detection_loss
+from resnet_backbone.cli.augmentation import detection_transforms
+from resnet_backbone.cli.coco import CocoFolder
+from resnet_backbone.cli.evaluation import evaluate
+from resnet_backbone.cli.evaluation import run as evaluation_run
+from resnet_backbone.cli.main import main
+from resnet_backbone.cli.masks import IGNORE_INDEX, MaskFolder
+from resnet_backbone.cli.synthetic import collate_detection
+from resnet_backbone.cli.task_model import TaskSpec
+
+TINY_RUN = ["--image-size", "64", "--batch-size", "2", "--precision", "fp32", "--steps", "2", "--eval-every", "1"]
+SIZES = [(64, 64), (48, 80), (72, 56), (64, 96), (56, 64), (80, 48)]  # height, width
+SQUARE, BAR = 3, 7  # non-contiguous category ids
+
+
+def _rectangles(index: int, height: int, width: int) -> list[tuple[int, list[int]]]:
+    """(category id, [x1, y1, x2, y2]) of the shapes drawn on image ``index``; image 1 is a negative."""
+    if index == 1:
+        return []
+    return [(SQUARE, [4, 6, 4 + width // 3, 6 + height // 3]), (BAR, [width // 2, height // 2, width - 6, height - 3])]
+
+
+def _polygon(box: list[int]) -> list[list[float]]:
+    x1, y1, x2, y2 = box
+    return [[x1, y1, x2, y1, x2, y2, x1, y2]]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A COCO folder and a mask folder over the same images of different sizes."""
+    root = tmp_path_factory.mktemp("data")
+    coco, semantic = root / "coco", root / "semantic"
+    for directory in (coco / "images", semantic / "images", semantic / "masks"):
+        directory.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    images, annotations = [], []
+
+    def annotate(**fields) -> None:
+        annotations.append({"id": len(annotations) + 1, "iscrowd": 0, **fields})
+
+    for index, (height, width) in enumerate(SIZES):
+        pixels = generator.integers(0, 80, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), dtype=np.uint8)
+        for category, (x1, y1, x2, y2) in _rectangles(index, height, width):
+            pixels[y1:y2, x1:x2] = (220, 40, 40) if category == SQUARE else (40, 220, 220)
+            mask[y1:y2, x1:x2] = 1 if category == SQUARE else 2
+            area = (x2 - x1) * (y2 - y1)
+            annotate(image_id=index, category_id=category, bbox=[x1, y1, x2 - x1, y2 - y1], area=area,
+                     segmentation=_polygon([x1, y1, x2, y2]))  # fmt: skip
+        mask[:3, :] = 255  # an unlabelled border, to ignore
+        for folder in (coco, semantic):
+            Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
+        Image.fromarray(mask).save(semantic / "masks" / f"{index}.png")
+        images.append({"id": index, "file_name": f"{index}.png", "height": height, "width": width})
+    crowd = np.zeros((48, 80), dtype=np.uint8, order="F")
+    crowd[30:44, 2:30] = 1
+    rle = coco_mask.encode(crowd)
+    annotate(image_id=1 + 1, category_id=SQUARE, bbox=[2, 30, 28, 14], area=392, iscrowd=1,
+             segmentation={"size": rle["size"], "counts": rle["counts"].decode()})  # fmt: skip
+    annotate(image_id=0, category_id=BAR, bbox=[10, 10, 0, 12], area=0, segmentation=_polygon([10, 10, 10, 22]))
+    annotate(image_id=3, category_id=BAR, bbox=[70, 40, 40, 20], area=800, segmentation=_polygon([70, 40, 110, 60]))
+    categories = [{"id": SQUARE, "name": "square"}, {"id": BAR, "name": "bar"}]
+    (coco / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                       "categories": categories}))  # fmt: skip
+    # A held-out folder of two images (one with the crowd region), as small as evaluation can be.
+    (coco / "val" / "images").mkdir(parents=True)
+    held_out = [image for image in images if image["id"] in (2, 3)]
+    for image in held_out:
+        shutil.copy(coco / "images" / image["file_name"], coco / "val" / "images")
+    kept = [annotation for annotation in annotations if annotation["image_id"] in (2, 3)]
+    (coco / "val" / "annotations.json").write_text(json.dumps({"images": held_out, "annotations": kept,
+                                                               "categories": categories}))  # fmt: skip
+    return coco, semantic
+
+
+def test_a_real_coco_folder_is_cleaned_as_torchvision_references_do(folders):
+    coco, _ = folders
+    dataset = CocoFolder(coco, masks=True)
+    assert (
+        str(dataset.report)
+        == "ignored 1 crowd box, dropped 1 degenerate box, 1 image without annotations kept as a negative"
+    )
+    assert dataset.id2label == {0: "background", 1: "square", 2: "bar"}
+    image, negative = dataset[1]
+    assert image.shape == (3, 48, 80) and negative["boxes"].shape == (0, 4) and negative["labels"].shape == (0,)
+    assert negative["masks"].shape == (0, 48, 80)
+    image, target = dataset[3]  # 64 high, 96 wide: the box at x 70..110 is clipped to the border
+    assert target["labels"].tolist() == [1, 2, 2]
+    assert target["boxes"][2].tolist() == [70, 40, 96, 60]
+    masks = target["masks"]
+    assert masks.shape == (3, 64, 96) and masks.dtype == torch.uint8
+    assert masks[0].sum() == (96 // 3) * (64 // 3)  # the polygon, decoded by pycocotools
+    evaluation = CocoFolder(coco, keep_crowd=True, categories=dataset.categories)
+    _, crowded = evaluation[2]
+    assert crowded["iscrowd"].tolist() == [0, 0, 1] and crowded["boxes"][2].tolist() == [2, 30, 30, 44]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detector", ["fcos", "maskrcnn"])
+def test_the_detectors_train_on_a_negative_image_and_past_a_zero_width_box(folders, detector):
+    dataset = CocoFolder(folders[0], masks=detector == "maskrcnn")
+    model = build_detector(detector, "resnet18", num_classes=dataset.num_classes, min_size=64, max_size=64)
+    batch = collate_detection([dataset[0], dataset[1]])  # image 0 had the zero-width box, image 1 has no annotation
+    loss = detection_loss(model.train(), batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_augmentation_moves_boxes_and_masks_together(folders):
+    coco, _ = folders
+    dataset = CocoFolder(coco, masks=True, transforms=detection_transforms(64, augment=True))
+    flipped = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        image, target = dataset[0]
+        assert image.shape == (3, 64, 64)
+        assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"])
+        for box, mask in zip(target["boxes"], target["masks"]):
+            rows, columns = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+            from_mask = torch.tensor([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1])
+            assert (box - from_mask).abs().max() <= 1.5, (seed, box, from_mask)
+        flipped += bool(len(target["labels"]) and target["boxes"][0, 0] > 32)  # the square starts on the right
+    assert flipped, "no draw flipped the image"
+
+
+def _edited(coco, tmp_path, edit) -> str:
+    copy = tmp_path / "edited"
+    shutil.copytree(coco, copy)
+    data = json.loads((copy / "annotations.json").read_text())
+    edit(data, copy)
+    (copy / "annotations.json").write_text(json.dumps(data))
+    return str(copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda data, _: data.pop("images"), "expected a list under 'images'"),
+        (lambda data, _: data["annotations"][2].update(bbox=[1, 2, 3]), "annotations[2] (id 3): bbox must be 4"),
+        (lambda data, _: data["annotations"][0].pop("category_id"), "annotations[0] (id 1): missing 'category_id'"),
+        (lambda data, copy: (copy / "images" / "4.png").unlink(), "images[4]: the image file"),
+        (lambda data, _: data["annotations"][0].update(category_id=5), "category_id 5 is not a category (3, 7)"),
+    ],
+    ids=["no-images", "three-number-box", "missing-key", "missing-file", "unknown-category"],
+)
+def test_an_invalid_coco_folder_is_one_clear_error_that_writes_nothing(folders, tmp_path, capsys, edit, message):
+    data = _edited(folders[0], tmp_path, edit)
+    output = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "--data", data, "--output-dir", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "annotations.json" in error and error.count("\n") == 1
+    assert not output.exists()
+
+
+def test_an_invalid_mask_folder_is_one_clear_error_that_writes_nothing(folders, tmp_path, capsys):
+    semantic = tmp_path / "semantic"
+    shutil.copytree(folders[1], semantic)
+    output = tmp_path / "run"
+    args = ["train", *TINY_RUN, "--task", "segmentation", "--data", str(semantic), "--output-dir", str(output)]
+    assert main([*args, "--num-classes", "2"]) == 2
+    assert "masks/0.png holds class index 2, beyond the 2 classes" in capsys.readouterr().err
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(semantic / "masks" / "2.png")
+    assert main(args) == 2
+    assert "masks/2.png is 10x10 (HxW) but its image" in capsys.readouterr().err
+    (semantic / "masks" / "2.png").unlink()
+    assert main(args) == 2
+    assert "images/2.png has no mask" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_evaluate_refuses_a_directory_that_is_no_fine_tuned_model(folders, tmp_path, capsys):
+    ResNetBackbone.from_preset("resnet18").save_pretrained(tmp_path / "backbone")
+    assert main(["evaluate", str(tmp_path / "backbone"), "--data", str(folders[0])]) == 2
+    assert "is not a fine-tuned model directory" in capsys.readouterr().err
+
+
+def _metrics(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+class _Oracle(nn.Module):
+    """A stand-in detector that predicts the ground truth, plus a confident box on every crowd region."""
+
+    def __init__(self, dataset: CocoFolder) -> None:
+        super().__init__()
+        self.targets = [dataset[index][1] for index in range(len(dataset))]
+        self.calls = 0
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        target = self.targets[self.calls]
+        self.calls += 1
+        return [{"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"]))}]
+
+
+def test_detection_metrics_follow_the_coco_protocol_for_crowd_regions(folders):
+    coco, _ = folders
+    dataset = CocoFolder(coco, keep_crowd=True)
+    spec = TaskSpec("detection", "fcos", dataset.num_classes, 64, dataset.id2label, [SQUARE, BAR])
+    perfect = evaluate(_Oracle(dataset), dataset, spec, torch.device("cpu"))
+    assert perfect == {"mAP@0.5": 1.0, "mAP": 1.0}  # the detection on the crowd region is no false positive
+    without_crowd = CocoFolder(coco)  # not flagged as crowd, the region's detection is a false positive
+    assert evaluate(_Oracle(dataset), without_crowd, spec, torch.device("cpu"))["mAP"] < 1.0
+
+
+class _SegmentationOracle(nn.Module):
+    """Logits that put each pixel in the class of its mask, and class 0 on the ignored pixels."""
+
+    def __init__(self, dataset: MaskFolder) -> None:
+        super().__init__()
+        self.masks = [dataset[index][1] for index in range(len(dataset))]
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mask = self.masks[self.calls].clone()
+        self.calls += 1
+        mask[mask == IGNORE_INDEX] = 0
+        logits = F.one_hot(mask, 3).permute(2, 0, 1)[None].float()
+        return F.interpolate(logits, size=images.shape[-2:], mode="nearest")
+
+
+def test_segmentation_metrics_ignore_255_and_report_every_class(folders):
+    _, semantic = folders
+    dataset = MaskFolder(semantic)
+    spec = TaskSpec("segmentation", "unet", dataset.num_classes, 64, dataset.id2label)
+    metrics = evaluate(_SegmentationOracle(dataset), dataset, spec, torch.device("cpu"))
+    assert metrics["per_class_IoU"].keys() == {"0", "1", "2"}
+    assert metrics["mIoU"] > 0.9 and all(iou > 0.85 for iou in metrics["per_class_IoU"].values())
+
+
+def _train_and_evaluate(output, *args: str) -> list[dict]:
+    """Train, then check the metrics log and that ``evaluate best/`` reproduces the best line."""
+    assert main(["train", *TINY_RUN, *args, "--output-dir", str(output)]) == 0
+    lines = _metrics(output)
+    key = "mAP" if "mAP" in lines[0] else "mIoU"
+    assert all(0 <= line[name] <= 1 for line in lines for name in line if name in ("mAP", "mAP@0.5", "mIoU"))
+    best = max(lines, key=lambda line: line[key])
+    data = args[args.index("--val-data") + 1]
+    assert evaluation_run(argparse.Namespace(model=output / "best", data=Path(data))) == {
+        name: value for name, value in best.items() if name != "step"
+    }
+    return lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detector", ["fasterrcnn", "maskrcnn"])  # fcos: the torchrun test below
+def test_the_rcnn_detectors_train_on_the_coco_folder_and_evaluate(folders, tmp_path, detector):
+    coco, _ = folders
+    args = ["--detector", detector, "--data", str(coco), "--val-data", str(coco / "val"), "--steps", "1"]
+    assert [line["step"] for line in _train_and_evaluate(tmp_path, *args)] == [1]
+
+
+@pytest.mark.slow
+def test_segmentation_trains_on_the_mask_folder_and_evaluates(folders, tmp_path):
+    _, semantic = folders
+    lines = _train_and_evaluate(
+        tmp_path, "--task", "segmentation", "--data", str(semantic), "--val-data", str(semantic)
+    )
+    assert lines[-1]["per_class_IoU"].keys() == {"0", "1", "2"}
+
+
+@pytest.mark.slow
+def test_ddp_evaluates_on_rank_zero_with_the_numbers_of_one_process(folders, tmp_path):
+    coco, _ = folders
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "resnet_backbone.cli", "train", *TINY_RUN, "--batch-size", "1",
+        "--data", str(coco), "--val-data", str(coco / "val"), "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    cleaning = "ignored 1 crowd box, dropped 1 degenerate box, 1 image without annotations kept as a negative"
+    assert result.stdout.count(cleaning) == 1 and "(identical)" in result.stdout
+    lines = _metrics(tmp_path)
+    assert [line["step"] for line in lines] == [1, 2]  # written once, by rank 0
+    assert all(0 <= line[key] <= 1 for line in lines for key in ("mAP@0.5", "mAP"))
+    assert f"step 2: mAP@0.5 {lines[1]['mAP@0.5']:.4f}, mAP {lines[1]['mAP']:.4f}" in result.stdout
+    alone = evaluation_run(argparse.Namespace(model=tmp_path / "model", data=coco / "val"))
+    assert alone == {"mAP@0.5": lines[-1]["mAP@0.5"], "mAP": lines[-1]["mAP"]}
+    assert (tmp_path / "best" / "task_model.pt").is_file()
+    backbone = ResNetBackbone.from_pretrained(tmp_path / "model")
+    assert backbone.config.id2label == {0: "background", 1: "square", 2: "bar"}
