@@ -128,11 +128,11 @@ class TransformersResNetBackbone(BackboneMixin, PreTrainedModel):
         self.encoder = trunk.encoder
         self.__dict__["trunk"] = trunk  # shares the modules above; not a second copy in the state dict
         self.num_features = [spec.channels for spec in trunk.stage_specs]
-        self.post_init()
         if not _building_on_meta_device():
             # The trunk initialised (or loaded) them; transformers' init must not overwrite that.
             for module in self.modules():
                 module._is_hf_initialized = True
+        self.post_init()
 
     @property
     def trunk(self) -> ResNetBackbone:
@@ -237,8 +237,14 @@ def optimize_backbone_for_inference(model: nn.Module, **options: Any) -> Transfo
 
 
 def _register() -> None:
-    # A second import (a reload, or this file under another module name) must neither warn nor replace.
-    if MODEL_TYPE not in CONFIG_MAPPING:
+    """Register with transformers once. A second import (a reload, or this file under another module name)
+    registers nothing and warns nothing: it adopts the registered classes, so its configs still build."""
+    if MODEL_TYPE in CONFIG_MAPPING:
+        config_class = CONFIG_MAPPING[MODEL_TYPE]
+        globals().update(
+            TransformersResNetConfig=config_class, TransformersResNetBackbone=AutoBackbone._model_mapping[config_class]
+        )
+    else:
         AutoConfig.register(MODEL_TYPE, TransformersResNetConfig)
         AutoBackbone.register(TransformersResNetConfig, TransformersResNetBackbone)
 
