@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 from transformers import AutoBackbone, AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin
@@ -231,9 +232,22 @@ def optimize_backbone_for_inference(model: nn.Module, **options: Any) -> Transfo
     float32 unless the whole model runs in that dtype. Returns the backbone; its state dict is no longer a
     checkpoint (folded norms), so save before optimising."""
     backbone = find_backbone(model)
+    _adopt_frozen_norms(backbone)
     optimize_for_inference(backbone.trunk, inplace=True, **options)
     backbone.eval()
     return backbone
+
+
+def _adopt_frozen_norms(backbone: nn.Module) -> None:
+    """Replace the frozen BatchNorm copies that DETR-style models swap in (``DetrFrozenBatchNorm2d`` and its
+    twins: same buffers, eps 1e-5) by torchvision's ``FrozenBatchNorm2d``, which the fast path folds."""
+    for parent in list(backbone.modules()):
+        for name, child in parent.named_children():
+            foreign = type(child).__name__.endswith("FrozenBatchNorm2d") and not isinstance(child, FrozenBatchNorm2d)
+            if foreign and hasattr(child, "running_var"):
+                norm = FrozenBatchNorm2d(child.running_var.numel(), eps=1e-5).to(child.running_var.device)
+                norm.load_state_dict(child.state_dict())
+                setattr(parent, name, norm)
 
 
 def _register() -> None:

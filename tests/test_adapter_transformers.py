@@ -340,3 +340,57 @@ def test_timm_route_builds_offline_and_takes_weights_by_the_documented_recipe(tm
     detr.model.backbone.model.load_state_dict(weights.state_dict())
 
     assert_holds(detr.model.backbone.model, weights.state_dict())
+
+
+# ---------------------------------------------------------------- fast path and a fresh process
+
+
+def test_fast_path_on_the_backbone_of_a_built_model():
+    detr = build("detr", rbt.backbone_config("resnet50", out_features=["stage4"], **TINY_BOTTLENECK)).eval()
+    randomize_norms(detr)
+    images = small_images()
+    with torch.no_grad():
+        expected = tensor_outputs(detr(pixel_values=images))
+        backbone = rbt.optimize_backbone_for_inference(detr)
+        actual = tensor_outputs(detr(pixel_values=images))
+    assert backbone is detr.model.backbone.model
+    assert not [module for module in backbone.modules() if "Norm" in type(module).__name__]  # all folded
+    for name, value in expected.items():
+        assert max_abs_diff(actual[name], value) <= 1e-4 * value.abs().max().item(), name
+
+
+@pytest.mark.slow
+def test_saved_models_reload_in_a_fresh_process_only_with_the_adapter(tmp_path):
+    images = small_images()
+    checks = {}
+    for model_name, auto_class in [
+        ("detr", "AutoModelForObjectDetection"),
+        ("upernet", "AutoModelForSemanticSegmentation"),
+    ]:
+        config = rbt.backbone_config("resnext50_32x4d", out_features=MODELS[model_name][2], **TINY_BOTTLENECK)
+        model = randomize_norms(build(model_name, config)).eval()
+        model.save_pretrained(tmp_path / model_name)
+        with torch.no_grad():
+            checks[str(tmp_path / model_name)] = (auto_class, tensor_outputs(model(pixel_values=images)))
+    torch.save(dict(images=images, checks=checks), tmp_path / "checks.pt")
+    # One fresh interpreter: first without the adapter (transformers must refuse), then with it.
+    reload = """
+import sys, torch, transformers
+saved = torch.load(sys.argv[1])
+for with_adapter in (False, True):
+    if with_adapter:
+        import resnet_backbone.adapters.transformers
+    for directory, (auto_class, expected) in saved["checks"].items():
+        try:
+            model = getattr(transformers, auto_class).from_pretrained(directory).eval()
+        except Exception as error:
+            print(f"{with_adapter}|{type(error).__name__}: {error}".replace(chr(10), " "))
+            continue
+        with torch.no_grad():
+            output = model(pixel_values=saved["images"])
+        print(f"{with_adapter}|{max((output[name] - value).abs().max().item() for name, value in expected.items())}")
+"""
+    lines = run_python(reload, {"HF_HUB_OFFLINE": "1"}, [str(tmp_path / "checks.pt")]).stdout.strip().splitlines()
+    without, with_adapter = lines[:2], lines[2:]
+    assert all(line.startswith("False|") and "resnet_backbone" in line for line in without), without
+    assert with_adapter == ["True|0.0", "True|0.0"]
