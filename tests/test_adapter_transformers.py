@@ -23,6 +23,8 @@ from transformers import (
     DeformableDetrForObjectDetection,
     DetrConfig,
     DetrForObjectDetection,
+    DPTConfig,
+    DPTForDepthEstimation,
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
     MaskFormerConfig,
@@ -91,6 +93,25 @@ MODELS = {
         STAGES_1_TO_4,
         dict(hidden_size=32, auxiliary_channels=16, num_labels=3),
     ),
+    "dpt_hybrid": (
+        DPTConfig,
+        DPTForDepthEstimation,
+        ["stage1", "stage2", "stage3"],
+        # The hybrid's first two reassemble stages take stages 1 and 2 as they are: their widths are 64, 128.
+        dict(
+            is_hybrid=True,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=96,
+            patch_size=16,
+            backbone_out_indices=[0, 1, 0, 1],
+            backbone_featmap_shape=[1, 192, 6, 6],
+            neck_hidden_sizes=[64, 128, 64, 64],
+            fusion_hidden_size=16,
+        ),  # fmt: skip
+    ),
     "rt_detr": (
         RTDetrConfig,
         RTDetrForObjectDetection,
@@ -105,6 +126,7 @@ MODELS = {
             decoder_attention_heads=2,
             num_queries=5,
             hidden_expansion=0.5,
+            decoder_in_channels=[32, 32, 32],
         ),  # fmt: skip
     ),
 }
@@ -126,7 +148,7 @@ def tensor_outputs(output: Any) -> dict[str, torch.Tensor]:
     return {name: value for name, value in output.items() if isinstance(value, torch.Tensor)}
 
 
-def small_images(height: int = 64, width: int = 96) -> torch.Tensor:
+def small_images(height: int = 96, width: int = 96) -> torch.Tensor:
     return torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(3))
 
 
@@ -396,3 +418,17 @@ for with_adapter in (False, True):
     without, with_adapter = lines[:2], lines[2:]
     assert all(line.startswith("False|") and "resnet_backbone" in line for line in without), without
     assert with_adapter == ["True|0.0", "True|0.0"]
+
+
+def test_detr_freezes_the_whole_resnet_as_with_transformers_own_and_freeze_restores_ours():
+    """DETR's name-based freezing (pattern ``"stage.1"``) matches no parameter of either ResNet, so it freezes
+    all of it; the trunk's ``freeze`` re-applies ``freeze_at`` afterwards."""
+    for backbone_config in (
+        TransformersResNetConfigOfTransformers(out_features=["stage4"], **TINY_BOTTLENECK),
+        rbt.backbone_config("resnet50", out_features=["stage4"], freeze_at=2, **TINY_BOTTLENECK),
+    ):
+        backbone = build("detr", backbone_config).model.backbone.model
+        assert not any(parameter.requires_grad for parameter in backbone.parameters())
+    backbone.trunk.freeze(2)
+    trainable = {stage_of(name) for name, parameter in backbone.named_parameters() if parameter.requires_grad}
+    assert trainable == {"stage2", "stage3", "stage4"}
