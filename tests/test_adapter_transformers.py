@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import transformers
-from helpers import TINY_BOTTLENECK, max_abs_diff, randomize_norms, run_python
+from helpers import TINY_BOTTLENECK, max_abs_diff, place_in_hub_cache, randomize_norms, run_python
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 from transformers import (
@@ -387,7 +387,7 @@ def test_fast_path_on_the_backbone_of_a_built_model():
 
 
 @pytest.mark.slow
-def test_saved_models_reload_in_a_fresh_process_only_with_the_adapter(tmp_path):
+def test_saved_models_and_hub_ids_load_in_a_fresh_offline_process_only_with_the_adapter(tmp_path):
     images = small_images()
     checks = {}
     for model_name, auto_class in [
@@ -399,7 +399,12 @@ def test_saved_models_reload_in_a_fresh_process_only_with_the_adapter(tmp_path):
         model.save_pretrained(tmp_path / model_name)
         with torch.no_grad():
             checks[str(tmp_path / model_name)] = (auto_class, tensor_outputs(model(pixel_values=images)))
-    torch.save(dict(images=images, checks=checks), tmp_path / "checks.pt")
+    # A transformers checkpoint under a Hub id, in the Hub cache: backbone_config takes the id offline.
+    theirs = randomize_norms(transformers.ResNetBackbone(TransformersResNetConfigOfTransformers(**TINY_BOTTLENECK)))
+    theirs.save_pretrained(tmp_path / "hub_model")
+    files = {name: tmp_path / "hub_model" / name for name in ("config.json", "model.safetensors")}
+    place_in_hub_cache(tmp_path / "hub", "someone/tiny-resnet", files)
+    torch.save(dict(images=images, checks=checks, hub=theirs.state_dict()), tmp_path / "checks.pt")
     # One fresh interpreter: first without the adapter (transformers must refuse), then with it.
     reload = """
 import sys, torch, transformers
@@ -416,11 +421,16 @@ for with_adapter in (False, True):
         with torch.no_grad():
             output = model(pixel_values=saved["images"])
         print(f"{with_adapter}|{max((output[name] - value).abs().max().item() for name, value in expected.items())}")
+config = resnet_backbone.adapters.transformers.backbone_config("someone/tiny-resnet", out_features=["stage4"])
+backbone = transformers.AutoBackbone.from_config(config).state_dict()
+print(all(torch.equal(backbone[name], value) for name, value in saved["hub"].items()))
 """
-    lines = run_python(reload, {"HF_HUB_OFFLINE": "1"}, [str(tmp_path / "checks.pt")]).stdout.strip().splitlines()
-    without, with_adapter = lines[:2], lines[2:]
+    environment = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    lines = run_python(reload, environment, [str(tmp_path / "checks.pt")]).stdout.strip().splitlines()
+    without, with_adapter, hub_weights_loaded = lines[:2], lines[2:4], lines[4:]
     assert all(line.startswith("False|") and "resnet_backbone" in line for line in without), without
     assert with_adapter == ["True|0.0", "True|0.0"]
+    assert hub_weights_loaded == ["True"]
 
 
 def test_detr_freezes_the_whole_resnet_as_with_transformers_own_and_freeze_restores_ours():
