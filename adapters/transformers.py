@@ -127,7 +127,7 @@ class TransformersResNetBackbone(BackboneMixin, PreTrainedModel):
         trunk = _build_trunk(config)
         self.embedder = trunk.embedder
         self.encoder = trunk.encoder
-        self.__dict__["trunk"] = trunk  # shares the modules above; not a second copy in the state dict
+        self.__dict__["_trunk"] = trunk  # outside the module tree: shares the modules above, adds no keys
         self.num_features = [spec.channels for spec in trunk.stage_specs]
         if not _building_on_meta_device():
             # The trunk initialised (or loaded) them; transformers' init must not overwrite that.
@@ -138,7 +138,7 @@ class TransformersResNetBackbone(BackboneMixin, PreTrainedModel):
     @property
     def trunk(self) -> ResNetBackbone:
         """The ``ResNetBackbone`` that runs the stages (for ``optimize_for_inference`` and friends)."""
-        return self.__dict__["trunk"]
+        return self.__dict__["_trunk"]
 
     def _init_weights(self, module: nn.Module) -> None:
         """What the trunk's constructor does, for the modules transformers asks to (re)initialise. Norms that
