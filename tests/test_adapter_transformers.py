@@ -321,8 +321,10 @@ def test_backbone_config_of_a_checkpoint_puts_its_weights_in_the_built_model(our
 
 
 def test_a_checkpoint_that_is_not_there_is_a_clear_error(tmp_path):
-    with pytest.raises((FileNotFoundError, ValueError, OSError), match="missing"):
+    with pytest.raises(ValueError, match="does not exist"):
         rbt.backbone_config(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="neither a local directory or file nor a Hub repo"):
+        rbt.backbone_config("someone/not-in-the-cache")
 
 
 def test_auto_backbone_loads_ours_and_transformers_checkpoints(our_checkpoint, tmp_path):
