@@ -5,6 +5,7 @@ from .classification import ResNetForImageClassification, ResNetModel
 from .config import ResNetConfig
 from .hints import close_match_hint
 from .inference import optimize_for_inference
+from .layers import NORM_TYPES
 from .out_features import align_out_features
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
@@ -12,6 +13,7 @@ from .trunk import ResNetTrunk, check_pixel_values
 from .weights import CheckpointMismatchError, LoadReport
 
 __all__ = [
+    "NORM_TYPES",
     "PRESETS",
     "BackboneOutput",
     "BaseModelOutputWithPoolingAndNoAttention",

@@ -1,0 +1,266 @@
+"""transformers adapter: this backbone inside transformers' detection, segmentation and depth models.
+
+Importing this module registers ``TransformersResNetConfig`` with ``AutoConfig`` and
+``TransformersResNetBackbone`` with ``AutoBackbone`` under ``model_type="resnet_backbone"``, so every model
+that builds its backbone with ``load_backbone(config)`` (DETR, Mask2Former, UperNet, DPT, ...) accepts
+``backbone_config=backbone_config("resnext50_32x4d", out_features=[...])``. It also imports the timm adapter,
+so transformers' timm route (``TimmBackboneConfig(backbone="rb_resnet50")``) finds the ``rb_*`` models.
+
+The backbone's parameters are named exactly as in transformers' ``ResNetBackbone`` (``embedder.embedder...``,
+``encoder.stages.N.layers.M...``): a model built on either loads the other's checkpoint strictly, and
+transformers' name-based steps (DETR's stage freezing) treat both alike.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+from transformers import AutoBackbone, AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin
+from transformers.modeling_outputs import BackboneOutput
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .. import NORM_TYPES, PRESETS, ResNetBackbone, ResNetConfig, align_out_features, optimize_for_inference
+from . import timm as _timm_adapter  # noqa: F401  (registers the rb_* models for transformers' timm route)
+
+__all__ = [
+    "MODEL_TYPE",
+    "TransformersResNetBackbone",
+    "TransformersResNetConfig",
+    "backbone_config",
+    "find_backbone",
+    "optimize_backbone_for_inference",
+]
+
+MODEL_TYPE = "resnet_backbone"
+# ResNetConfig fields that PreTrainedConfig already has, under the same names and meanings.
+_GENERIC_FIELDS = ("id2label", "label2id", "problem_type", "output_hidden_states", "return_dict", "architectures")
+
+
+class TransformersResNetConfig(BackboneConfigMixin, PreTrainedConfig):
+    """``ResNetConfig`` as a transformers backbone config: the same fields, plus ``pretrained_weights``.
+
+    ``pretrained_weights`` is where the backbone's weights come from (anything ``ResNetBackbone.from_pretrained``
+    accepts): they are loaded whenever the backbone is built from this config, because transformers ignores
+    ``use_pretrained_backbone``. A model restored by transformers' ``from_pretrained`` takes its own checkpoint's
+    weights instead (it builds on the meta device, where nothing is loaded).
+    """
+
+    model_type = MODEL_TYPE
+
+    num_channels: int = 3
+    embedding_size: int = 64
+    hidden_sizes: list[int] | tuple[int, ...] = (256, 512, 1024, 2048)
+    depths: list[int] | tuple[int, ...] = (3, 4, 6, 3)
+    layer_type: str = "bottleneck"
+    hidden_act: str = "relu"
+    downsample_in_first_stage: bool = False
+    downsample_in_bottleneck: bool = False
+    groups: int = 1
+    width_per_group: int = 64
+    stem_type: str = "default"
+    avg_down: bool = False
+    output_stride: int | None = None
+    norm_layer: str = "batch"
+    freeze_at: int = 0
+    norm_eval: bool = False
+    zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
+    pretrained_weights: str | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.hidden_sizes, self.depths = list(self.hidden_sizes), list(self.depths)
+        self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, len(self.depths) + 1)]
+        # Our resolution first: its errors list the valid stage names and suggest a close match.
+        out_features, out_indices = align_out_features(
+            self.stage_names, kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        )
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        super().__post_init__(**kwargs)
+        self.to_resnet_config()  # validates every field, with ResNetConfig's errors
+
+    @classmethod
+    def from_resnet_config(
+        cls, config: ResNetConfig, *, pretrained_weights: str | None = None
+    ) -> TransformersResNetConfig:
+        fields = config.to_dict()
+        for name in ("model_type", "stage_names", "num_labels"):
+            fields.pop(name, None)
+        return cls(**fields, pretrained_weights=pretrained_weights)
+
+    def to_resnet_config(self) -> ResNetConfig:
+        """The same network as this project's config (``pretrained_weights`` is not part of it)."""
+        architecture = {name: getattr(self, name) for name in _ARCHITECTURE_FIELDS}
+        generic = {name: getattr(self, name) for name in _GENERIC_FIELDS}
+        return ResNetConfig(**architecture, **generic, out_features=self.out_features)
+
+
+_ARCHITECTURE_FIELDS = [
+    name
+    for name in TransformersResNetConfig.__dataclass_fields__
+    if name in ResNetConfig.__dataclass_fields__ and name not in _GENERIC_FIELDS
+]
+
+
+class TransformersResNetBackbone(BackboneMixin, PreTrainedModel):
+    """This project's ``ResNetBackbone`` with transformers' backbone API, for ``AutoBackbone``.
+
+    It holds the trunk's ``embedder`` and ``encoder`` directly, so its state-dict keys are transformers'
+    ``ResNetBackbone`` keys. Like transformers' backbone it builds every stage (the keys stay identical
+    whatever ``out_features`` selects). The trunk itself is kept outside the module tree, to run the stages
+    and keep its freezing and ``norm_eval`` through ``train()``.
+    """
+
+    config: TransformersResNetConfig
+    config_class = TransformersResNetConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    has_attentions = False
+
+    def __init__(self, config: TransformersResNetConfig) -> None:
+        super().__init__(config)
+        trunk = _build_trunk(config)
+        self.embedder = trunk.embedder
+        self.encoder = trunk.encoder
+        self.__dict__["_trunk"] = trunk  # outside the module tree: shares the modules above, adds no keys
+        self.num_features = [spec.channels for spec in trunk.stage_specs]
+        if not _building_on_meta_device():
+            # The trunk initialised (or loaded) them; transformers' init must not overwrite that.
+            for module in self.modules():
+                module._is_hf_initialized = True
+        self.post_init()
+
+    @property
+    def trunk(self) -> ResNetBackbone:
+        """The ``ResNetBackbone`` that runs the stages (for ``optimize_for_inference`` and friends)."""
+        return self.__dict__["_trunk"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """What the trunk's constructor does, for the modules transformers asks to (re)initialise. Norms that
+        a parent model swapped in (DETR's frozen copies) keep the values copied from ours."""
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, NORM_TYPES):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+
+    def train(self, mode: bool = True) -> TransformersResNetBackbone:
+        super().train(mode)
+        self.trunk.train(mode)  # norms of frozen stages (and all, with norm_eval) stay in eval mode
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BackboneOutput | tuple:
+        """Feature maps of ``out_features``; ``hidden_states``: the stem, then every stage. A ResNet has no
+        attentions, so ``output_attentions`` changes nothing."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        hidden_states = self.trunk(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        feature_maps = tuple(hidden_states[index] for index in self.out_indices)
+        output = BackboneOutput(
+            feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _build_trunk(config: TransformersResNetConfig) -> ResNetBackbone:
+    """Every stage, with the weights of ``config.pretrained_weights`` unless transformers builds an empty
+    model to fill from its own checkpoint."""
+    resnet_config = config.to_resnet_config().with_overrides(out_indices=[-1])
+    if config.pretrained_weights is None or _building_on_meta_device():
+        return ResNetBackbone(resnet_config)
+    fields = {name: value for name, value in vars(resnet_config).items() if not name.startswith("_")}
+    return ResNetBackbone.from_pretrained(config.pretrained_weights, **fields)
+
+
+def _building_on_meta_device() -> bool:
+    return torch.empty(()).device.type == "meta"
+
+
+def backbone_config(
+    preset_or_config_or_path: str | os.PathLike | ResNetConfig, **overrides: Any
+) -> TransformersResNetConfig:
+    """The ``backbone_config`` for any transformers model that calls ``load_backbone``.
+
+    A preset name or a ``ResNetConfig`` gives random weights; anything else is loaded with
+    ``ResNetBackbone.from_pretrained`` (a directory, a weights file or a Hub repo id, of this project,
+    transformers, torchvision or timm), here to check it, and again with the model, whose backbone then holds
+    these weights. ``overrides`` are ``ResNetConfig`` fields, e.g. ``out_features``, ``output_stride``.
+    """
+    if isinstance(preset_or_config_or_path, ResNetConfig):
+        return TransformersResNetConfig.from_resnet_config(preset_or_config_or_path.with_overrides(**overrides))
+    if isinstance(preset_or_config_or_path, str) and preset_or_config_or_path in PRESETS:
+        return TransformersResNetConfig.from_resnet_config(
+            ResNetConfig.from_preset(preset_or_config_or_path, **overrides)
+        )
+    loaded = ResNetBackbone.load(preset_or_config_or_path, **overrides)
+    return TransformersResNetConfig.from_resnet_config(
+        loaded.config, pretrained_weights=os.fspath(preset_or_config_or_path)
+    )
+
+
+def find_backbone(model: nn.Module) -> TransformersResNetBackbone:
+    """The backbone inside a transformers model built on ``backbone_config`` (DETR keeps it at
+    ``model.model.backbone.model``, UperNet at ``model.backbone``, ...)."""
+    backbones = [module for module in model.modules() if isinstance(module, TransformersResNetBackbone)]
+    if len(backbones) != 1:
+        raise ValueError(
+            f"Expected one TransformersResNetBackbone inside {type(model).__name__}, found {len(backbones)}. "
+            "Build the model with backbone_config=resnet_backbone.adapters.transformers.backbone_config(...)."
+        )
+    return backbones[0]
+
+
+def optimize_backbone_for_inference(model: nn.Module, **options: Any) -> TransformersResNetBackbone:
+    """Apply ``optimize_for_inference`` (BatchNorm folding, channels_last, ``compile``; see its options) in
+    place to the backbone of a transformers model, which keeps running in its own format: keep ``dtype`` at
+    float32 unless the whole model runs in that dtype. Returns the backbone; its state dict is no longer a
+    checkpoint (folded norms), so save before optimising."""
+    backbone = find_backbone(model)
+    _adopt_frozen_norms(backbone)
+    optimize_for_inference(backbone.trunk, inplace=True, **options)
+    backbone.eval()
+    return backbone
+
+
+def _adopt_frozen_norms(backbone: nn.Module) -> None:
+    """Replace the frozen BatchNorm copies that DETR-style models swap in (``DetrFrozenBatchNorm2d`` and its
+    twins: same buffers, eps 1e-5) by torchvision's ``FrozenBatchNorm2d``, which the fast path folds."""
+    for parent in list(backbone.modules()):
+        for name, child in parent.named_children():
+            foreign = type(child).__name__.endswith("FrozenBatchNorm2d") and not isinstance(child, FrozenBatchNorm2d)
+            if foreign and hasattr(child, "running_var"):
+                norm = FrozenBatchNorm2d(child.running_var.numel(), eps=1e-5).to(child.running_var.device)
+                norm.load_state_dict(child.state_dict())
+                setattr(parent, name, norm)
+
+
+def _register() -> None:
+    """Register with transformers once. A second import (a reload, or this file under another module name)
+    registers nothing and warns nothing: it adopts the registered classes, so its configs still build."""
+    if MODEL_TYPE in CONFIG_MAPPING:
+        config_class = CONFIG_MAPPING[MODEL_TYPE]
+        globals().update(
+            TransformersResNetConfig=config_class, TransformersResNetBackbone=AutoBackbone._model_mapping[config_class]
+        )
+    else:
+        AutoConfig.register(MODEL_TYPE, TransformersResNetConfig)
+        AutoBackbone.register(TransformersResNetConfig, TransformersResNetBackbone)
+
+
+_register()
