@@ -18,14 +18,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 from transformers import AutoBackbone, AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin
 from transformers.modeling_outputs import BackboneOutput
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .. import NORM_TYPES, PRESETS, ResNetBackbone, ResNetConfig, align_out_features, optimize_for_inference
+from .. import (
+    NORM_TYPES,
+    PRESETS,
+    FrozenBatchNorm2d,
+    ResNetBackbone,
+    ResNetConfig,
+    align_out_features,
+    optimize_for_inference,
+)
 from . import timm as _timm_adapter  # noqa: F401  (registers the rb_* models for transformers' timm route)
 
 __all__ = [
@@ -240,7 +247,7 @@ def optimize_backbone_for_inference(model: nn.Module, **options: Any) -> Transfo
 
 def _adopt_frozen_norms(backbone: nn.Module) -> None:
     """Replace the frozen BatchNorm copies that DETR-style models swap in (``DetrFrozenBatchNorm2d`` and its
-    twins: same buffers, eps 1e-5) by torchvision's ``FrozenBatchNorm2d``, which the fast path folds."""
+    twins: same buffers, eps 1e-5) by this project's ``FrozenBatchNorm2d``, which the fast path folds."""
     for parent in list(backbone.modules()):
         for name, child in parent.named_children():
             foreign = type(child).__name__.endswith("FrozenBatchNorm2d") and not isinstance(child, FrozenBatchNorm2d)

@@ -5,7 +5,7 @@ from .classification import ResNetForImageClassification, ResNetModel
 from .config import ResNetConfig
 from .hints import close_match_hint
 from .inference import optimize_for_inference
-from .layers import NORM_TYPES
+from .layers import NORM_TYPES, FrozenBatchNorm2d
 from .out_features import align_out_features
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
@@ -18,6 +18,7 @@ __all__ = [
     "BackboneOutput",
     "BaseModelOutputWithPoolingAndNoAttention",
     "CheckpointMismatchError",
+    "FrozenBatchNorm2d",
     "ImageClassifierOutputWithNoAttention",
     "LoadReport",
     "ResNetBackbone",
