@@ -14,7 +14,6 @@ import torch
 import transformers
 from helpers import TINY_BOTTLENECK, max_abs_diff, place_in_hub_cache, randomize_norms, run_python
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 from transformers import (
     AutoBackbone,
     ConditionalDetrConfig,
@@ -38,7 +37,7 @@ from transformers import (
 from transformers import ResNetConfig as TransformersResNetConfigOfTransformers
 
 import resnet_backbone.adapters.transformers as rbt
-from resnet_backbone import ResNetBackbone, ResNetConfig
+from resnet_backbone import FrozenBatchNorm2d, ResNetBackbone, ResNetConfig
 
 STAGES_1_TO_4 = ["stage1", "stage2", "stage3", "stage4"]
 # Each model with the smallest head its config allows, and the backbone stages it reads.

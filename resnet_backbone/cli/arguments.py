@@ -29,8 +29,8 @@ def non_negative_int(text: str) -> int:
     return _number(text, int, "an integer >= 0", lambda value: value >= 0)
 
 
-def positive_float(text: str) -> float:
-    return _number(text, float, "a number > 0", lambda value: value > 0)
+def non_negative_float(text: str) -> float:
+    return _number(text, float, "a number >= 0", lambda value: value >= 0)
 
 
 def _number(text: str, kind: type, expected: str, valid) -> int | float:  # noqa: ANN001

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ..adapters.torchvision import detection_loss
 from ..presets import PRESETS
-from .arguments import existing_directory, non_negative_int, output_directory, positive_float, positive_int
+from .arguments import existing_directory, non_negative_float, non_negative_int, output_directory, positive_int
 from .augmentation import detection_transforms, segmentation_transforms
 from .coco import BACKGROUND, CocoFolder
 from .evaluation import PeriodicEvaluation, evaluation_data
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--train-images", type=positive_int, default=640, metavar="N", help="size of the synthetic set")
     parser.add_argument("--steps", type=positive_int, default=400)
     parser.add_argument("--batch-size", type=positive_int, default=8, help="per process")
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--lr", type=non_negative_float, default=1e-3, help="0 keeps the weights (a dry run)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=output_directory, default="train-output", metavar="DIR")
