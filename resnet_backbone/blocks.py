@@ -40,7 +40,7 @@ class ShortCut(nn.Module):
         self, config: ResNetConfig, in_channels: int, out_channels: int, *, stride: int, dilation: int
     ) -> None:
         super().__init__()
-        self.pool = _shortcut_pool(stride, dilation) if config.avg_down else nn.Identity()
+        self.pool = _shortcut_pool(stride, dilation, config.dilation_rule) if config.avg_down else nn.Identity()
         conv_stride = 1 if config.avg_down else stride
         self.convolution = nn.Conv2d(in_channels, out_channels, 1, stride=conv_stride, bias=False)
         self.normalization = make_norm(config.norm_layer, out_channels)
@@ -49,10 +49,10 @@ class ShortCut(nn.Module):
         return self.normalization(self.convolution(self.pool(hidden_state)))
 
 
-def _shortcut_pool(stride: int, dilation: int) -> nn.Module:
+def _shortcut_pool(stride: int, dilation: int, dilation_rule: str) -> nn.Module:
     if stride > 1:
         return nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
-    if dilation > 1:
+    if dilation > 1 and dilation_rule == "timm":
         # timm's AvgPool2dSame(2, stride=1) in dilated stages: pad right and bottom with zeros, which count.
         return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, 1))
     return nn.Identity()
@@ -103,7 +103,8 @@ class _ResidualLayer(nn.Module):
 
 
 class BasicLayer(_ResidualLayer):
-    """Two 3x3 convolutions (ResNet-18/34). The first carries the stride and the previous dilation."""
+    """Two 3x3 convolutions (ResNet-18/34). The first carries the stride and the previous dilation; the second
+    is dilated too, except under mmdet's and mmseg's ``dilation_rule``."""
 
     @staticmethod
     def main_branch(
@@ -112,7 +113,13 @@ class BasicLayer(_ResidualLayer):
         norm = config.norm_layer
         return nn.Sequential(
             ConvLayer(in_channels, out_channels, stride=stride, dilation=first_dilation, norm_layer=norm),
-            ConvLayer(out_channels, out_channels, dilation=dilation, norm_layer=norm, activation=None),
+            ConvLayer(
+                out_channels,
+                out_channels,
+                dilation=dilation if config.dilation_rule == "timm" else 1,
+                norm_layer=norm,
+                activation=None,
+            ),
         )
 
 

@@ -25,6 +25,7 @@ HIDDEN_ACTS = ("relu", "gelu", "gelu_new", "silu", "swish", "selu")
 STEM_TYPES = ("default", "deep")
 NORM_LAYERS = ("batch", "frozen_batch", "sync_batch", "group")
 OUTPUT_STRIDES = (8, 16, 32)
+DILATION_RULES = ("timm", "mmdet", "mmseg")
 TRANSFORMERS_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish")
 # Marks config.json files that transformers must not load: see ResNetConfig.to_json_string.
 EXTENSION_MARKER = "resnet_backbone:"
@@ -48,6 +49,13 @@ class ResNetConfig:
         stem_type, avg_down: ResNet-C/D (``"deep"``: three 3x3 stem convs; avg-pool shortcuts), as timm.
         output_stride: 8, 16 or 32 replaces stride by dilation in the stages past that stride;
             ``None`` keeps the natural strides (transformers' behaviour).
+        dilation_rule: how the dilated stages are built, as each framework builds them, so that its
+            checkpoints compute the same function. ``"timm"`` (and torchvision): a stage's first block keeps
+            the previous stage's dilation, a basic block dilates both its 3x3 convs, and an ``avg_down``
+            shortcut at stride 1 averages 2x2 (timm's ``AvgPool2dSame``). ``"mmseg"`` (its
+            ``contract_dilation=True``): the first block keeps the previous dilation, a basic block dilates
+            only its first 3x3 conv, and a stride-1 shortcut does not pool. ``"mmdet"`` (mmdet's ``ResLayer``,
+            mmseg's default): as ``"mmseg"``, but the first block already uses the stage's own dilation.
         norm_layer: ``"batch"``, ``"frozen_batch"``, ``"sync_batch"`` or ``"group"`` (32 groups).
         freeze_at: ``k`` freezes ``stage_names[:k]`` (no gradients, norms kept in eval mode).
         norm_eval: keep every norm layer in eval mode while training.
@@ -72,6 +80,7 @@ class ResNetConfig:
     stem_type: str = "default"
     avg_down: bool = False
     output_stride: int | None = None
+    dilation_rule: str = "timm"
     norm_layer: str = "batch"
     freeze_at: int = 0
     norm_eval: bool = False
@@ -260,6 +269,7 @@ class ResNetConfig:
         _require_bool("avg_down", self.avg_down)
         if self.output_stride is not None:
             _require_choice("output_stride", self.output_stride, OUTPUT_STRIDES, allow_none=True)
+        _require_choice("dilation_rule", self.dilation_rule, DILATION_RULES)
         _require_choice("norm_layer", self.norm_layer, NORM_LAYERS)
         if self.norm_layer == "group":
             uneven = [c for c in self.normalized_channels() if c % GROUP_NORM_GROUPS]

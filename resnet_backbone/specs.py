@@ -40,7 +40,8 @@ def stage_specs(config: ResNetConfig) -> list[StageSpec]:
     """Specs of ``config.stage_names``: the stem, then one per stage.
 
     ``output_stride`` follows timm's rule: once the network's stride reaches it, later stages trade their
-    stride for dilation; each stage's first block keeps the previous stage's dilation.
+    stride for dilation; each stage's first block keeps the previous stage's dilation, unless
+    ``dilation_rule`` is ``"mmdet"`` (the first block uses the stage's own dilation).
     """
     specs = [StageSpec("stem", channels=config.embedding_size, stride=STEM_STRIDE)]
     stride, dilation = STEM_STRIDE, 1
@@ -61,7 +62,7 @@ def stage_specs(config: ResNetConfig) -> list[StageSpec]:
                 depth=depth,
                 first_stride=first_stride,
                 dilation=dilation,
-                first_dilation=previous_dilation,
+                first_dilation=dilation if config.dilation_rule == "mmdet" else previous_dilation,
             )
         )
         in_channels = channels
