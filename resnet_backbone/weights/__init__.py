@@ -1,20 +1,22 @@
-"""Reading, writing and converting checkpoints of transformers, torchvision and timm."""
+"""Reading, writing and converting checkpoints of transformers, torchvision, timm and mmdet."""
 
-from .architecture import describe, infer_config, same_architecture
+from .architecture import describe, infer_config, peer_layout_of, same_architecture
 from .export import export_problems, peer_state_dict
 from .files import read_state_dict, write_checkpoint
-from .layouts import from_canonical, to_canonical
+from .layouts import PeerLayout, from_canonical, to_canonical
 from .loading import CheckpointMismatchError, LoadReport, load_checkpoint, load_placed
 
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
+    "PeerLayout",
     "describe",
     "export_problems",
     "from_canonical",
     "infer_config",
     "load_checkpoint",
     "load_placed",
+    "peer_layout_of",
     "peer_state_dict",
     "read_state_dict",
     "same_architecture",

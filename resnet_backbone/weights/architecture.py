@@ -10,7 +10,7 @@ import torch
 
 from ..config import ResNetConfig
 from ..presets import PRESETS
-from .layouts import PeerLayout, to_canonical
+from .layouts import NAMINGS, PeerLayout, to_canonical
 
 # The fields that decide which tensors a checkpoint holds, and their shapes.
 ARCHITECTURE_FIELDS = (
@@ -107,5 +107,10 @@ def same_architecture(first: ResNetConfig, second: ResNetConfig) -> bool:
     return all(getattr(first, name) == getattr(second, name) for name in ARCHITECTURE_FIELDS)
 
 
-def peer_layout_of(config: ResNetConfig) -> PeerLayout:
-    return PeerLayout(stem_type=config.stem_type, avg_down=config.avg_down)
+def peer_layout_of(config: ResNetConfig, naming: str = "torchvision") -> PeerLayout:
+    """The key layout in which a library of ``naming`` (``"torchvision"``: also timm; ``"mmdet"``: also
+    mmseg) stores a model of ``config``."""
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}.")
+    norm_name = "gn" if naming == "mmdet" and config.norm_layer == "group" else "bn"
+    return PeerLayout(stem_type=config.stem_type, avg_down=config.avg_down, naming=naming, norm_name=norm_name)

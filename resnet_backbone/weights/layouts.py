@@ -1,8 +1,12 @@
-"""State-dict layouts: transformers' (this project's own) and torchvision's / timm's, as one key table.
+"""State-dict layouts: transformers' (this project's own) and torchvision's / timm's / mmdet's, as one key table.
 
 Keys are translated module path by module path (the parameter name after the last dot never changes).
 The tables below are the whole mapping, used in both directions. Placeholders: ``{stage}``, ``{block}``
-and ``{conv}`` count from 0; ``{stage1}`` and ``{conv1}`` are the same numbers counted from 1.
+and ``{conv}`` count from 0; ``{stage1}`` and ``{conv1}`` are the same numbers counted from 1; ``{norm}``
+is the layout's norm name (``bn``, or ``gn`` for mmdet's GroupNorm layers).
+
+mmdet's and mmseg's ResNet keys are torchvision's, except their deep stem (``stem.N``) and that they name
+GroupNorm layers ``gn1``, ``gn2``, ... (mmcv's ``build_norm_layer``).
 
 The canonical form used internally is transformers' ``ResNetModel`` layout plus ``classifier.1.*``.
 """
@@ -23,10 +27,12 @@ CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
 _BLOCK = "encoder.stages.{stage}.layers.{block}"
 _PEER_BLOCK = "layer{stage1}.{block}"
+_DEFAULT_STEM = [("embedder.embedder.convolution", "conv1"), ("embedder.embedder.normalization", "{norm}1")]
 _STEM_RULES = {
-    "default": [("embedder.embedder.convolution", "conv1"), ("embedder.embedder.normalization", "bn1")],
+    ("torchvision", "default"): _DEFAULT_STEM,
+    ("mmdet", "default"): _DEFAULT_STEM,
     # timm's deep stem is one Sequential (conv, bn, act, conv, bn, act, conv); its last norm is bn1.
-    "deep": [
+    ("torchvision", "deep"): [
         ("embedder.embedder.0.convolution", "conv1.0"),
         ("embedder.embedder.0.normalization", "conv1.1"),
         ("embedder.embedder.1.convolution", "conv1.3"),
@@ -34,10 +40,16 @@ _STEM_RULES = {
         ("embedder.embedder.2.convolution", "conv1.6"),
         ("embedder.embedder.2.normalization", "bn1"),
     ],
+    # mmdet's (conv, norm, act) x 3 in one Sequential.
+    ("mmdet", "deep"): [
+        (f"embedder.embedder.{index}.{part}", f"stem.{3 * index + offset}")
+        for index in range(3)
+        for part, offset in (("convolution", 0), ("normalization", 1))
+    ],
 }
 _BLOCK_RULES = [
     (f"{_BLOCK}.layer.{{conv}}.convolution", f"{_PEER_BLOCK}.conv{{conv1}}"),
-    (f"{_BLOCK}.layer.{{conv}}.normalization", f"{_PEER_BLOCK}.bn{{conv1}}"),
+    (f"{_BLOCK}.layer.{{conv}}.normalization", f"{_PEER_BLOCK}.{{norm}}{{conv1}}"),
 ]
 # With avg_down, timm's downsample.0 is the average pool, so the conv and norm move up by one.
 _SHORTCUT_RULES = {
@@ -50,17 +62,32 @@ _SHORTCUT_RULES = {
 _CLASSIFIER_RULES = [("classifier.1", "fc")]
 
 
+NAMINGS = ("torchvision", "mmdet")
+
+
 @dataclass(frozen=True)
 class PeerLayout:
-    """Which torchvision/timm key variant a checkpoint uses; torchvision's is the default one."""
+    """Which torchvision/timm/mmdet key variant a checkpoint uses; torchvision's is the default one.
+
+    ``naming``: ``"torchvision"`` (torchvision's and timm's names) or ``"mmdet"`` (mmdet's and mmseg's).
+    ``norm_name``: what the norm layers are called before their number (``"gn"`` for mmdet's GroupNorm).
+    """
 
     stem_type: str = "default"
     avg_down: bool = False
+    naming: str = "torchvision"
+    norm_name: str = "bn"
 
 
 def peer_rules(layout: PeerLayout) -> list[tuple[str, str]]:
-    """(canonical module path, torchvision/timm module path) templates for a layout."""
-    return [*_STEM_RULES[layout.stem_type], *_BLOCK_RULES, *_SHORTCUT_RULES[layout.avg_down], *_CLASSIFIER_RULES]
+    """(canonical module path, torchvision/timm/mmdet module path) templates for a layout."""
+    rules = [
+        *_STEM_RULES[layout.naming, layout.stem_type],
+        *_BLOCK_RULES,
+        *_SHORTCUT_RULES[layout.avg_down],
+        *_CLASSIFIER_RULES,
+    ]
+    return [(ours, peer.replace("{norm}", layout.norm_name)) for ours, peer in rules]
 
 
 def extract_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
@@ -96,25 +123,35 @@ def strip_prefixes(key: str) -> str:
 
 
 def detect_layout(keys: list[str]) -> PeerLayout | None:
-    """``None`` for transformers' layout, else the torchvision/timm variant; unknown keys are an error."""
+    """``None`` for transformers' layout, else the torchvision/timm/mmdet variant; unknown keys are an error."""
     if any(key.startswith(("embedder.", "encoder.")) for key in keys):
         return None
-    if any(key.startswith(("conv1.", "layer1.")) for key in keys):
+    if any(key.startswith(("conv1.", "layer1.", "stem.")) for key in keys):
+        mmdet_stem = "stem.0.weight" in keys
+        group_norm = any(re.match(r"(layer\d+\.\d+\.)?gn1\.", key) for key in keys)
         return PeerLayout(
-            stem_type="deep" if "conv1.0.weight" in keys else "default",
+            stem_type="deep" if mmdet_stem or "conv1.0.weight" in keys else "default",
             avg_down=any(re.match(r"layer\d+\.\d+\.downsample\.2\.", key) for key in keys),
+            naming="mmdet" if mmdet_stem or group_norm else "torchvision",
+            norm_name="gn" if group_norm else "bn",
         )
     sample = ", ".join(keys[:5])
     raise ValueError(
-        "Unrecognised checkpoint layout: expected transformers keys (embedder.*, encoder.*) or torchvision/timm "
-        f"keys (conv1.*, layer1.*), got {len(keys)} keys starting with: {sample or '(none)'}."
+        "Unrecognised checkpoint layout: expected transformers keys (embedder.*, encoder.*) or torchvision/timm/"
+        f"mmdet keys (conv1.*, stem.*, layer1.*), got {len(keys)} keys starting with: {sample or '(none)'}."
     )
 
 
-def to_canonical(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], PeerLayout | None]:
-    """Any supported layout -> canonical keys, and the peer layout it came from (``None``: transformers)."""
+def to_canonical(
+    state_dict: Mapping[str, torch.Tensor], layout: PeerLayout | None = None
+) -> tuple[dict[str, torch.Tensor], PeerLayout | None]:
+    """Any supported layout -> canonical keys, and the peer layout it came from (``None``: transformers).
+
+    ``layout``: the peer layout the keys are known to be in (else it is read off the keys); keys that no
+    rule of it matches come back unchanged.
+    """
     state_dict = strip_known_prefixes(extract_state_dict(state_dict, source="The checkpoint"))
-    layout = detect_layout(list(state_dict))
+    layout = detect_layout(list(state_dict)) if layout is None else layout
     if layout is None:
         return state_dict, None
     rules = [(peer, ours) for ours, peer in peer_rules(layout)]
@@ -122,13 +159,13 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
 
 
 def from_canonical(state_dict: Mapping[str, torch.Tensor], layout: PeerLayout) -> dict[str, torch.Tensor]:
-    """Canonical keys -> torchvision/timm keys of ``layout``; every key must translate."""
+    """Canonical keys -> torchvision/timm/mmdet keys of ``layout``; every key must translate."""
     rules = peer_rules(layout)
     peer_state_dict = {}
     for key, value in state_dict.items():
         peer_key = translate_key(key, rules)
         if peer_key == key:
-            raise ValueError(f"{key!r} has no torchvision/timm equivalent.")
+            raise ValueError(f"{key!r} has no {layout.naming} equivalent.")
         peer_state_dict[peer_key] = value
     return peer_state_dict
 

@@ -14,6 +14,7 @@ from .architecture import describe, infer_config, same_architecture
 from .layouts import PeerLayout, peer_rules, strip_known_prefixes, strip_prefixes, to_canonical, translate_key
 
 _STAGE_KEY = re.compile(r"encoder\.stages\.(\d+)\.")
+_LAYOUT_NAMES = {None: "transformers", "torchvision": "torchvision/timm", "mmdet": "mmdet/mmseg"}
 
 
 @dataclass
@@ -65,7 +66,7 @@ def load_checkpoint(
     strict: bool = True,
     norm_eps: Mapping[str, float] | None = None,
 ) -> LoadReport:
-    """Load ``state_dict`` (transformers, torchvision or timm layout) into ``model``.
+    """Load ``state_dict`` (transformers, torchvision, timm or mmdet layout) into ``model``.
 
     Strict: any missing, unexpected or mis-shaped key raises one error listing them all, with the likely
     cause, before anything is loaded. Not strict: what fits loads and the report lists the rest. Either
@@ -74,7 +75,7 @@ def load_checkpoint(
     source model's norm epsilons, keyed by module path in the checkpoint's layout) is copied over.
     """
     canonical, layout = to_canonical(state_dict)
-    report = LoadReport(source_layout="transformers" if layout is None else "torchvision/timm")
+    report = LoadReport(source_layout=_LAYOUT_NAMES[None if layout is None else layout.naming])
     model_keys = list(model.state_dict())
     model_key_of = dict(zip(strip_known_prefixes(dict.fromkeys(model_keys)), model_keys))
     placed = {}
