@@ -107,7 +107,6 @@ class RBResNet(nn.Module):
                 f"frozen_stages must be between -1 (nothing frozen) and num_stages={num_stages}: 0 freezes the "
                 f"stem, k the stem and stages 1..k; got {frozen_stages!r}."
             )
-        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
         norm_layer, norm_requires_grad = _norm_layer(norm_cfg)
         architecture = (depth, preset, num_stages, in_channels, stem_channels, base_channels, deep_stem, avg_down)
         config = _architecture(*architecture, groups, base_width).with_overrides(
