@@ -218,17 +218,19 @@ def test_deeplabv3plus_with_rbresnet_loads_mmsegs_checkpoint_predicts_the_same_a
     image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
 
     def batch(with_targets: bool) -> dict:
-        sample = SegDataSample(metainfo=dict(img_shape=(64, 96), ori_shape=(64, 96)))
+        samples = [SegDataSample(metainfo=dict(img_shape=(64, 96), ori_shape=(64, 96))) for _ in range(2)]
         if with_targets:
-            labels = torch.randint(0, 19, (1, 64, 96), generator=torch.Generator().manual_seed(4))
-            sample.gt_sem_seg = PixelData(data=labels)
-        return dict(inputs=[image], data_samples=[sample])
+            for seed, sample in enumerate(samples):
+                labels = torch.randint(0, 19, (1, 64, 96), generator=torch.Generator().manual_seed(seed))
+                sample.gt_sem_seg = PixelData(data=labels)
+        return dict(inputs=[image, image.flip(-1)], data_samples=samples)  # two: the ASPP pool's BatchNorm
 
     with torch.no_grad():
-        (expected,) = theirs.test_step(batch(with_targets=False))
-        (actual,) = ours.test_step(batch(with_targets=False))
-    torch.testing.assert_close(actual.seg_logits.data, expected.seg_logits.data, rtol=1e-4, atol=1e-4)
-    assert torch.equal(actual.pred_sem_seg.data, expected.pred_sem_seg.data)
+        expected_samples = theirs.test_step(batch(with_targets=False))
+        actual_samples = ours.test_step(batch(with_targets=False))
+    for expected, actual in zip(expected_samples, actual_samples, strict=True):
+        torch.testing.assert_close(actual.seg_logits.data, expected.seg_logits.data, rtol=1e-4, atol=1e-4)
+        assert torch.equal(actual.pred_sem_seg.data, expected.pred_sem_seg.data)
 
     ours.train()
     before = ours.backbone.state_dict()["layer4.0.conv2.weight"].clone()
