@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from ..inference import computes_bf16_natively
 from ..weights.files import atomic_write
 from .distributed import convert_sync_batchnorm
 
@@ -89,9 +90,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    return "bf16" if computes_bf16_natively(device) else "fp32"
 
 
 def autocast_for(precision: str, device: torch.device) -> AbstractContextManager:
