@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..inference import computes_bf16_natively
+from ..inference import computes_bf16_natively, dense_parts
 from ..weights.files import atomic_write
 from .distributed import convert_sync_batchnorm
 
@@ -50,6 +50,7 @@ class TrainingOptions:
     resume: bool = False
     stop_at_step: int | None = None  # end this run early (checkpointed) to resume later, e.g. a preemptible job
     sync_batchnorm: bool = False
+    compile: bool = False  # channels_last and the dense parts compiled: see compile_for_training
     show_progress: bool = True
 
 
@@ -93,6 +94,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if computes_bf16_natively(device) else "fp32"
 
 
+def compile_for_training(model: nn.Module) -> None:
+    """The fine-tuning fast path, in place: weights in channels_last, and each dense part of the model (its
+    backbone, FPN and convolutional heads, see ``resnet_backbone.dense_parts``) compiled by inductor with
+    static shapes, forward and backward; anchors, matching and the losses stay eager. The parameters stay the
+    model's own, so frozen ones stay frozen and checkpoints keep their keys. Each new input shape compiles
+    once: train at a fixed image size. bf16 autocast comes from ``precision``, as without compiling."""
+    model.to(memory_format=torch.channels_last)
+    for part in dense_parts(model).values():
+        part.compile(dynamic=False)
+
+
 def autocast_for(precision: str, device: torch.device) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
@@ -134,6 +146,8 @@ def fit(
                 "refuses SyncBatchNorm on CPU). Train without --sync-bn on CPUs."
             )
         model = convert_sync_batchnorm(model)
+    if options.compile:
+        compile_for_training(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=options.weight_decay, fused=True)
     scheduler = warmup_cosine(optimizer, options.steps, min(options.warmup_steps, options.steps // 10 or 1))
