@@ -28,6 +28,7 @@ class Settings:
     sweep_sizes: tuple[int, ...]
     compile: bool
     rounds: int
+    dense_rounds: int
     warmup: int
     matmul_size: int
 

@@ -1,5 +1,6 @@
-"""Inference fast path: BatchNorm folded into the convolutions, channels_last weights, optional low precision,
-and optional inductor compilation with frozen weights, for a backbone or for a whole detector or segmenter.
+"""Fast paths. Inference: BatchNorm folded into the convolutions, channels_last weights, optional low
+precision, and optional inductor compilation with frozen weights, for a backbone or for a whole detector or
+segmenter. Fine-tuning: channels_last and the dense parts compiled.
 
 The optimised model is the same class running the same ``forward``: only its modules change (each
 conv-norm pair becomes one convolution with a bias), so outputs, attributes and metadata stay as they were.
@@ -119,6 +120,17 @@ def dense_parts(model: nn.Module) -> dict[str, nn.Module]:
     found = {name: part for name in DENSE_PART_NAMES if isinstance(part := _submodule(model, name), nn.Module)}
     innermost = {name: part for name, part in found.items() if not any(other.startswith(f"{name}.") for other in found)}
     return innermost or {"": model}
+
+
+def compile_for_training(model: nn.Module) -> None:
+    """The fine-tuning fast path, in place: weights in channels_last, and each dense part of the model (its
+    backbone, FPN and convolutional heads, see :func:`dense_parts`) compiled by inductor with
+    static shapes, forward and backward; anchors, matching and the losses stay eager. The parameters stay the
+    model's own, so frozen ones stay frozen and checkpoints keep their keys. Each new input shape compiles
+    once: train at a fixed image size. bf16 autocast comes from ``precision``, as without compiling."""
+    model.to(memory_format=torch.channels_last)
+    for part in dense_parts(model).values():
+        part.compile(dynamic=False)
 
 
 def computes_bf16_natively(device: torch.device | str = "cpu") -> bool:

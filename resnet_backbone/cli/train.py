@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=non_negative_float, default=1e-3, help="0 keeps the weights (a dry run)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--compile", action="store_true",
-                        help="fast path: channels_last, backbone, FPN and heads compiled (a fixed image size)")  # fmt: skip
+                        help="fast path: channels_last, dense parts compiled (fixed image size)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=output_directory, default="train-output", metavar="DIR")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=100, metavar="STEPS")

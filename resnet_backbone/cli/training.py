@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..inference import computes_bf16_natively, dense_parts
+from ..inference import compile_for_training, computes_bf16_natively
 from ..weights.files import atomic_write
 from .distributed import convert_sync_batchnorm
 
@@ -92,17 +92,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16" if computes_bf16_natively(device) else "fp32"
-
-
-def compile_for_training(model: nn.Module) -> None:
-    """The fine-tuning fast path, in place: weights in channels_last, and each dense part of the model (its
-    backbone, FPN and convolutional heads, see ``resnet_backbone.dense_parts``) compiled by inductor with
-    static shapes, forward and backward; anchors, matching and the losses stay eager. The parameters stay the
-    model's own, so frozen ones stay frozen and checkpoints keep their keys. Each new input shape compiles
-    once: train at a fixed image size. bf16 autocast comes from ``precision``, as without compiling."""
-    model.to(memory_format=torch.channels_last)
-    for part in dense_parts(model).values():
-        part.compile(dynamic=False)
 
 
 def autocast_for(precision: str, device: torch.device) -> AbstractContextManager:
