@@ -43,8 +43,9 @@ from resnet_backbone.weights import to_canonical
 
 from .counters import count_flops, peak_memory_bytes
 from .machine import matmul_runs
-from .results import CaseResult, WorkloadResult
+from .results import WorkloadResult
 from .timing import time_interleaved
+from .workloads import case_result
 
 TASKS = ("detection", "segmentation", "finetune")
 OURS = "resnet_backbone"
@@ -265,24 +266,13 @@ def run_dense_workload(
     split = time_parts(prepared[fastest], runs[fastest])
     torch._dynamo.reset()
     results = [
-        CaseResult(
-            library=library,
-            mode=mode.name,
-            dtype=str(mode.dtype).removeprefix("torch."),
-            median_ms=timing.median * 1e3,
-            min_ms=timing.min * 1e3,
-            max_ms=timing.max * 1e3,
-            first_call_s=first_call_s[library, mode],
-            images_per_s=workload.batch / timing.median,
-            speedup=timings[reference_case].median / timing.median,
-            gflops_per_s=flops / timing.median / 1e9,
-            fraction_of_peak=flops / timing.median / 1e9 / peaks[str(mode.dtype).removeprefix("torch.")],
-            max_relative_diff=differences[library, mode],
-            tolerance=FLOAT32_TOLERANCE if mode.dtype == torch.float32 else LOW_PRECISION_TOLERANCE,
-            peak_memory_mib=memory[library, mode] / 2**20 if memory.get((library, mode)) else None,
+        case_result(
+            library, mode.name, mode.dtype, timing, timings[reference_case].median, workload.batch, flops, peaks,
+            first_call_s=first_call_s[library, mode], difference=differences[library, mode],
+            tolerance=_tolerance(mode), memory_bytes=memory.get((library, mode)),
         )
         for (library, mode), timing in timings.items()
-    ]
+    ]  # fmt: skip
     return WorkloadResult(
         label=workload.label,
         kind=workload.task,
@@ -297,6 +287,10 @@ def run_dense_workload(
         skipped=skipped,
         part_split_ms={"mode": f"{fastest[0]} {fastest[1].name}", **split},
     )
+
+
+def _tolerance(mode: DenseMode) -> float:
+    return FLOAT32_TOLERANCE if mode.dtype == torch.float32 else LOW_PRECISION_TOLERANCE
 
 
 def _peak_memory_or_none(run: Callable[[], Any]) -> int | None:
