@@ -168,10 +168,10 @@ def cases_for(workload: DenseWorkload, peer: str, compile: bool, device: torch.d
         cases = [(peer, mode) for mode in PEER_INFERENCE_MODES] + [(OURS, mode) for mode in OUR_INFERENCE_MODES]
     skipped = {}
     for library, mode in list(cases):
-        if mode.compile and not compile:
-            skipped[f"{library} {mode.name}"] = "compiled modes not run (--no-compile or --smoke)"
-        elif mode.dtype == torch.bfloat16 and not computes_bf16_natively(device):
+        if mode.dtype == torch.bfloat16 and not computes_bf16_natively(device):
             skipped[f"{library} {mode.name}"] = f"this {device.type} has no native bf16 (slower than float32 here)"
+        elif mode.compile and not compile:
+            skipped[f"{library} {mode.name}"] = "compiled modes not run (--no-compile or --smoke)"
         else:
             continue
         cases.remove((library, mode))
