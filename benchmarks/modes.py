@@ -51,12 +51,14 @@ LIBRARY_MODES = (
 # This project only: optimize_for_inference (channels_last weights), given the same float32 channels_last
 # input as the peers' channels_last modes.
 FAST_PATH_FP32 = Mode("fast path fp32", channels_last=True, fast_path=True)
-BEST_MODE = Mode("fast path bf16 compiled", dtype=torch.bfloat16, channels_last=True, fast_path=True, compile=True)
+FAST_PATH_BF16_COMPILED = Mode(
+    "fast path bf16 compiled", dtype=torch.bfloat16, channels_last=True, fast_path=True, compile=True
+)
 FAST_PATH_MODES = (
     FAST_PATH_FP32,
     Mode("fast path bf16", dtype=torch.bfloat16, channels_last=True, fast_path=True),
     Mode("fast path fp32 compiled", channels_last=True, fast_path=True, compile=True),
-    BEST_MODE,
+    FAST_PATH_BF16_COMPILED,
 )
 
 

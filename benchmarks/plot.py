@@ -40,7 +40,7 @@ def _throughput_bars(ax: plt.Axes, workload: WorkloadResult) -> None:
     ax.barh(
         [f"{case.library}: {case.mode}" for case in cases],
         [case.images_per_s for case in cases],
-        color=[COLORS[case.library] for case in cases],
+        color=[COLORS.get(case.library, "tab:purple") for case in cases],
     )
     ax.set_title(workload.label)
     ax.set_xlabel("images/s (higher is better)")

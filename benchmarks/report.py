@@ -23,16 +23,23 @@ def format_report(result: SuiteResult) -> str:
     for workload in result.workloads:
         if workload.kind != "sweep":
             lines += ["", _workload_heading(workload), "", format_table(*_case_table(workload))]
+            lines += [f"skipped: {case}: {why}" for case, why in workload.skipped.items()]
+            if workload.part_split_ms:
+                split = dict(workload.part_split_ms)
+                mode = split.pop("mode")
+                parts = ", ".join(f"{name} {ms:.0f}" for name, ms in split.items())
+                lines.append(f"one call of {mode}, ms per part: {parts}")
     for architecture in dict.fromkeys(workload.architecture for workload in sweep):
         lines += ["", f"{architecture} resolution sweep, batch 1: ms per image (outputs checked as above)", ""]
         lines.append(format_table(*_sweep_table([w for w in sweep if w.architecture == architecture])))
     if result.targets:
-        lines += ["", f"targets ({result.targets[0].workload})", ""]
+        lines += ["", "targets", ""]
         rows = [
-            (t.name, f">= {t.threshold:g}", "not run" if t.measured is None else f"{t.measured:.2f}", _verdict(t.met))
+            (t.workload, t.name, f">= {t.threshold:g}", "not run" if t.measured is None else f"{t.measured:.2f}",
+             _verdict(t.met))
             for t in result.targets
-        ]
-        lines.append(format_table(("target", "required", "measured", "met"), rows))
+        ]  # fmt: skip
+        lines.append(format_table(("workload", "target", "required", "measured", "met"), rows))
     lines += ["", f"wall time {result.wall_s:.0f} s"]
     return "\n".join(lines)
 
@@ -47,7 +54,7 @@ def _workload_heading(workload: WorkloadResult) -> str:
 
 
 def _case_table(workload: WorkloadResult) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    training = workload.kind == "training"
+    training = workload.kind in ("training", "finetune")
     header = CASE_COLUMNS + (("peak MiB",) if training else ())
     return header, [_case_row(case, training) for case in workload.cases]
 
@@ -65,7 +72,8 @@ def _case_row(case: CaseResult, training: bool) -> tuple[str, ...]:
         f"{case.max_relative_diff:.1e}",
         f"{case.first_call_s:.1f}",
     )
-    return cells + ((f"{case.peak_memory_mib:.0f}",) if training else ())
+    memory = "n/a" if case.peak_memory_mib is None else f"{case.peak_memory_mib:.0f}"
+    return cells + ((memory,) if training else ())
 
 
 def _sweep_table(sweep: list[WorkloadResult]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:

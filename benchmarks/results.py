@@ -37,6 +37,8 @@ class WorkloadResult:
     reference: str
     outputs_checked: bool
     cases: list[CaseResult]
+    skipped: dict[str, str] = field(default_factory=dict)  # "library mode" -> why it did not run here
+    part_split_ms: dict[str, object] = field(default_factory=dict)  # ms per part of our fastest mode, one call
 
     def case(self, library: str, mode: str) -> CaseResult | None:
         return next((c for c in self.cases if (c.library, c.mode) == (library, mode)), None)

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .dense import DEFAULT_WORKLOADS, TASKS, DenseWorkload, run_dense_workload, smoke_workloads
 from .machine import PEAK_DTYPES, describe_machine
 from .peers import ARCHITECTURES, build_peers
 from .plot import write_plot
 from .report import format_report, write_json
 from .results import SuiteResult
-from .targets import evaluate_targets
+from .targets import evaluate_dense_targets, evaluate_targets
 from .workloads import Settings, plan, run_workload
 
 DEFAULT_RUNS = dict(
@@ -24,6 +25,7 @@ DEFAULT_RUNS = dict(
     training_shape=(4, 224),
     sweep_sizes=(224, 384, 512, 640, 800, 1024),
     rounds=7,
+    dense_rounds=3,  # a whole detector at 800x1216 takes seconds per call on two cores
     warmup=2,
     matmul_size=2048,
 )
@@ -33,6 +35,7 @@ SMOKE_RUNS = dict(
     training_shape=(2, 32),
     sweep_sizes=(32, 48),
     rounds=1,
+    dense_rounds=1,
     warmup=0,
     matmul_size=128,
 )
@@ -46,6 +49,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--models", nargs="+", choices=ARCHITECTURES, default=["resnet50"], help="architectures (default: resnet50)"
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=("backbone", *TASKS),
+        default=["backbone", *TASKS],
+        help="backbone: the four libraries' ResNets; detection, segmentation, finetune: whole models against "
+        "torchvision's and smp's own (default: all)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes (minutes on a CPU)")
     parser.add_argument(
@@ -73,7 +84,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") 
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the fastest convolution algorithm for each shape
-    result = run_suite(settings, device)
+    dense = [w for w in (smoke_workloads() if args.smoke else DEFAULT_WORKLOADS) if w.task in args.tasks]
+    result = run_suite(settings, device, backbone="backbone" in args.tasks, dense=dense)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, args.output_dir / "results.json")
     write_plot(result, args.output_dir / "results.png")
@@ -82,14 +94,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") 
     return 0
 
 
-def run_suite(settings: Settings, device: torch.device) -> SuiteResult:
+def run_suite(
+    settings: Settings, device: torch.device, *, backbone: bool = True, dense: Sequence[DenseWorkload] = ()
+) -> SuiteResult:
     started = time.perf_counter()
-    workloads = plan(settings)
+    workloads = plan(settings) if backbone else []
     timed = settings.warmup + settings.rounds
     calls = sum(len(w.cases) * (1 + timed) + len(PEAK_DTYPES) * timed for w in workloads)
+    calls += len(dense) * 8 * (1 + timed)
     result = SuiteResult(machine=describe_machine(device), settings=asdict(settings))
     with tqdm(total=calls, unit="call") as progress:
-        for architecture in settings.architectures:
+        for architecture in settings.architectures if backbone else ():
             models = {library: model.to(device) for library, model in build_peers(architecture).items()}
             for workload in (w for w in workloads if w.architecture == architecture):
                 measured = run_workload(
@@ -103,5 +118,17 @@ def run_suite(settings: Settings, device: torch.device) -> SuiteResult:
                 )
                 result.workloads.append(measured)
             result.targets += evaluate_targets(next(w for w in result.workloads if w.architecture == architecture))
+        for workload in dense:
+            measured = run_dense_workload(
+                workload,
+                compile=settings.compile,
+                rounds=settings.dense_rounds,
+                warmup=min(settings.warmup, 1),
+                matmul_size=settings.matmul_size,
+                device=device,
+                progress=progress,
+            )
+            result.workloads.append(measured)
+            result.targets += evaluate_dense_targets(measured)
     result.wall_s = time.perf_counter() - started
     return result

@@ -15,7 +15,7 @@ from .machine import matmul_runs
 from .modes import EAGER_FP32, FAST_PATH_MODES, LIBRARY_MODES, TRAINING_FP32, Mode, prepare
 from .peers import LIBRARIES, feature_maps
 from .results import CaseResult, WorkloadResult
-from .timing import time_interleaved
+from .timing import Timing, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Settings:
     sweep_sizes: tuple[int, ...]
     compile: bool
     rounds: int
+    dense_rounds: int
     warmup: int
     matmul_size: int
 
@@ -103,27 +104,14 @@ def run_workload(
     flops, _ = count_flops(runs[reference])
     memory = {key: peak_memory_bytes(run) for key, run in runs.items()} if workload.kind == "training" else {}
     torch._dynamo.reset()  # frees the compiled graphs, and their recompilation budget, for the next workload
-    cases = []
-    for (library, mode), timing in timings.items():
-        dtype = str(mode.dtype).removeprefix("torch.")
-        cases.append(
-            CaseResult(
-                library=library,
-                mode=mode.name,
-                dtype=dtype,
-                median_ms=timing.median * 1e3,
-                min_ms=timing.min * 1e3,
-                max_ms=timing.max * 1e3,
-                first_call_s=first_call_s[library, mode],
-                images_per_s=workload.batch / timing.median,
-                speedup=timings[reference].median / timing.median,
-                gflops_per_s=flops / timing.median / 1e9,
-                fraction_of_peak=flops / timing.median / 1e9 / peaks[dtype],
-                max_relative_diff=differences[library, mode],
-                tolerance=mode.tolerance,
-                peak_memory_mib=memory[library, mode] / 2**20 if memory else None,
-            )
+    cases = [
+        case_result(
+            library, mode.name, mode.dtype, timing, timings[reference].median, workload.batch, flops, peaks,
+            first_call_s=first_call_s[library, mode], difference=differences[library, mode],
+            tolerance=mode.tolerance, memory_bytes=memory.get((library, mode)),
         )
+        for (library, mode), timing in timings.items()
+    ]  # fmt: skip
     return WorkloadResult(
         label=workload.label,
         kind=workload.kind,
@@ -135,6 +123,42 @@ def run_workload(
         reference=f"{reference[0]} {reference[1].name}",
         outputs_checked=True,
         cases=cases,
+    )
+
+
+def case_result(
+    library: str,
+    mode: str,
+    dtype: torch.dtype,
+    timing: Timing,
+    reference_median: float,
+    batch: int,
+    flops: int,
+    peaks: dict[str, float],
+    *,
+    first_call_s: float,
+    difference: float,
+    tolerance: float,
+    memory_bytes: int | None,
+) -> CaseResult:
+    """One case's figures from its timing: throughput, speedup over the reference, efficiency against the
+    matmul peak of its dtype measured in the same rounds."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return CaseResult(
+        library=library,
+        mode=mode,
+        dtype=dtype_name,
+        median_ms=timing.median * 1e3,
+        min_ms=timing.min * 1e3,
+        max_ms=timing.max * 1e3,
+        first_call_s=first_call_s,
+        images_per_s=batch / timing.median,
+        speedup=reference_median / timing.median,
+        gflops_per_s=flops / timing.median / 1e9,
+        fraction_of_peak=flops / timing.median / 1e9 / peaks[dtype_name],
+        max_relative_diff=difference,
+        tolerance=tolerance,
+        peak_memory_mib=None if memory_bytes is None else memory_bytes / 2**20,
     )
 
 

@@ -4,7 +4,7 @@ from .backbone import ResNetBackbone
 from .classification import ResNetForImageClassification, ResNetModel
 from .config import ResNetConfig
 from .hints import close_match_hint
-from .inference import optimize_for_inference
+from .inference import compile_for_training, computes_bf16_natively, dense_parts, optimize_for_inference
 from .layers import NORM_TYPES, FrozenBatchNorm2d
 from .out_features import align_out_features
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
@@ -29,5 +29,8 @@ __all__ = [
     "align_out_features",
     "check_pixel_values",
     "close_match_hint",
+    "compile_for_training",
+    "computes_bf16_natively",
+    "dense_parts",
     "optimize_for_inference",
 ]

@@ -1,5 +1,6 @@
-"""Inference fast path: BatchNorm folded into the convolutions, channels_last weights, optional low precision,
-and optional inductor compilation with frozen weights.
+"""Fast paths. Inference: BatchNorm folded into the convolutions, channels_last weights, optional low
+precision, and optional inductor compilation with frozen weights, for a backbone or for a whole detector or
+segmenter. Fine-tuning: channels_last and the dense parts compiled.
 
 The optimised model is the same class running the same ``forward``: only its modules change (each
 conv-norm pair becomes one convolution with a bias), so outputs, attributes and metadata stay as they were.
@@ -8,12 +9,14 @@ conv-norm pair becomes one convolution with a bias), so outputs, attributes and 
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import partial
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils._pytree import tree_map
 
 from .blocks import ShortCut
 from .layers import ConvLayer, FrozenBatchNorm2d
@@ -25,57 +28,121 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Accuracy against the unoptimised model: max abs difference as a fraction of the feature scale.
 FLOAT32_TOLERANCE = 1e-4
 LOW_PRECISION_TOLERANCE = 5e-2
+# The parts of a whole model that are dense convolutions on inputs of a fixed shape (for a fixed image
+# size), by the names torchvision's detectors and segmenters and segmentation_models_pytorch's models give
+# them. Anchors, matching, NMS, RoI pooling and post-processing sit outside them and stay eager in float32;
+# so do the RoI heads, whose inputs change shape with the number of proposals (each shape would compile).
+DENSE_PART_NAMES = (
+    "body", "fpn",  # a ResNetFPN / BackboneWithFPN on its own
+    "backbone", "backbone.body", "backbone.fpn",  # detectors: the ResNet and the FPN; segmenters: the body
+    "rpn.head", "head",  # Faster/Mask R-CNN's RPN head; RetinaNet's and FCOS's heads
+    "classifier", "aux_classifier",  # DeepLabV3's and FCN's heads
+    "encoder", "decoder", "segmentation_head",  # segmentation_models_pytorch
+)  # fmt: skip
 
-Model = TypeVar("Model", bound=ResNetPreTrainedModel)
+Model = TypeVar("Model", bound=nn.Module)
 
 
 def optimize_for_inference(
-    backbone: Model,
+    model: Model,
     *,
     dtype: torch.dtype | None = None,
     channels_last: bool = True,
     compile: bool = False,
     inplace: bool = False,
 ) -> Model:
-    """A copy of ``backbone`` (``ResNetBackbone``, ``ResNetModel`` or ``ResNetForImageClassification``)
-    that computes the same outputs faster, in eval mode and without gradients.
+    """A copy of ``model`` that computes the same outputs faster, in eval mode and without gradients.
 
-    - BatchNorm (also frozen and sync) is folded into the preceding convolution; GroupNorm is kept.
+    ``model``: a ``ResNetBackbone``, ``ResNetModel`` or ``ResNetForImageClassification``; or a whole model
+    around one (torchvision's detectors and segmenters, e.g. from ``build_detector`` / ``build_segmenter``,
+    a ``ResNetFPN``, a segmentation_models_pytorch model with a ``tu-rb_*`` encoder), called exactly as before.
+
+    - BatchNorm (also frozen and sync) is folded into the convolution it follows, wherever it sits;
+      GroupNorm is kept. A BatchNorm that follows no convolution is left as it is, with a warning naming it.
     - ``channels_last``: weights in channels_last memory format; inputs may be either format.
-    - ``dtype`` (``torch.bfloat16`` or ``torch.float16``): parameters are cast, floating-point inputs are
-      cast to it inside, and outputs come out in it. Accuracy: float32 outputs differ from the original
-      by at most 1e-4 times the feature scale (the largest absolute value of each output); bfloat16 and
-      float16 by at most 5e-2 times.
-    - ``compile``: ``torch.compile`` with inductor's freezing (weights become constants, so later changes
-      to the parameters are not seen), static shapes (each new input shape compiles once) and no autograd.
-      On CUDA it also records CUDA graphs: an output is overwritten by the next call, so clone what you
-      keep.
-    - ``inplace``: modify ``backbone`` itself instead of a copy (saves memory for large models).
+    - ``dtype`` (``torch.bfloat16`` or ``torch.float16``): a backbone's parameters are cast, floating-point
+      inputs are cast to it inside, and outputs come out in it. In a whole model only the dense parts (see
+      :func:`dense_parts`) run in ``dtype``; their outputs come back in float32, so boxes, anchors and
+      post-processing stay float32. Accuracy: float32 outputs differ from the original by at most 1e-4
+      times the feature scale (the largest absolute value of each output); bfloat16 and float16 by at most
+      5e-2 times. bfloat16 on a CPU without native bf16 arithmetic is slower than float32: a warning says so.
+    - ``compile``: ``torch.compile`` of each dense part (of a backbone: the whole model) with inductor's
+      freezing (weights become constants, so later changes to the parameters are not seen), static shapes
+      (each new input shape compiles once) and no autograd. On CUDA it also records CUDA graphs: an output
+      is overwritten by the next call, so clone what you keep.
+    - ``inplace``: modify ``model`` itself instead of a copy (saves memory for large models).
 
     The result keeps the original's class, attributes and output type, but its state dict (convolutions
     with biases, no norms) is not a checkpoint of the original layout: save the original instead.
     """
-    if not isinstance(backbone, ResNetPreTrainedModel):
+    if not isinstance(model, nn.Module) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError(
-            "optimize_for_inference takes a ResNetBackbone, ResNetModel or ResNetForImageClassification, got "
-            f"{type(backbone).__name__}. Pass the model itself, before any torch.compile or wrapper."
+            "optimize_for_inference takes a ResNetBackbone, ResNetModel, ResNetForImageClassification or a whole "
+            f"detector or segmenter (an nn.Module), got {type(model).__name__}. Pass the model itself, before any "
+            "torch.compile or wrapper."
         )
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be None or one of {', '.join(map(str, DTYPES))}, got {dtype}.")
-    model = backbone if inplace else copy.deepcopy(backbone)
+    low_precision = dtype is not None and dtype != torch.float32
+    device = next(model.parameters(), torch.empty(0)).device
+    if dtype == torch.bfloat16 and not computes_bf16_natively(device):
+        warnings.warn(
+            f"This {device.type} has no native bfloat16 arithmetic (no AVX512-BF16 or AMX on a CPU): bfloat16 "
+            "runs slower than float32 here. Leave dtype at None for speed.",
+            stacklevel=2,
+        )
+    model = model if inplace else copy.deepcopy(model)
     model.eval().requires_grad_(False)
     _fold_batch_norms(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if dtype is not None and dtype != torch.float32:
-        model.to(dtype)
-        memory_format = torch.channels_last if channels_last else torch.preserve_format
-        # Compiled, this one cast would be a graph of its own, with guards checked per call.
-        cast = torch.compiler.disable(partial(_cast_pixel_values, dtype=dtype, memory_format=memory_format))
-        model.register_forward_pre_hook(cast, with_kwargs=True)
-    if compile:
-        compile_for_inference(model)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    whole_backbone = isinstance(model, ResNetPreTrainedModel)
+    for part in dense_parts(model).values():
+        if low_precision:
+            part.to(dtype)
+            # Compiled, these casts would be graphs of their own, with guards checked per call.
+            cast = partial(_cast_inputs, dtype=dtype, memory_format=memory_format)
+            part.register_forward_pre_hook(torch.compiler.disable(cast), with_kwargs=True)
+            if not whole_backbone:
+                part.register_forward_hook(torch.compiler.disable(_outputs_in_float32))
+        if compile:
+            compile_for_inference(part)
     return model
+
+
+def dense_parts(model: nn.Module) -> dict[str, nn.Module]:
+    """The parts of ``model`` that run dense convolutions on fixed-shape inputs, by name (see
+    ``DENSE_PART_NAMES``): the innermost named ones (a detector's ``backbone.body`` and ``backbone.fpn``
+    rather than its ``backbone``), or ``{"": model}`` when it names none (a backbone, a neck)."""
+    if isinstance(model, ResNetPreTrainedModel):
+        return {"": model}
+    found = {name: part for name in DENSE_PART_NAMES if isinstance(part := _submodule(model, name), nn.Module)}
+    innermost = {name: part for name, part in found.items() if not any(other.startswith(f"{name}.") for other in found)}
+    return innermost or {"": model}
+
+
+def compile_for_training(model: nn.Module) -> None:
+    """The fine-tuning fast path, in place: weights in channels_last, and each dense part of the model (its
+    backbone, FPN and convolutional heads, see :func:`dense_parts`) compiled by inductor with
+    static shapes, forward and backward; anchors, matching and the losses stay eager. The parameters stay the
+    model's own, so frozen ones stay frozen and checkpoints keep their keys. Each new input shape compiles
+    once: train at a fixed image size. bf16 autocast comes from ``precision``, as without compiling."""
+    model.to(memory_format=torch.channels_last)
+    for part in dense_parts(model).values():
+        part.compile(dynamic=False)
+
+
+def computes_bf16_natively(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` has bfloat16 arithmetic units (CUDA with bf16; a CPU with AVX512-BF16 or AMX).
+
+    Elsewhere bfloat16 is emulated through float32 conversions and runs slower than float32, so the fast
+    paths use it only where this is true.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def compile_for_inference(model: nn.Module) -> None:
@@ -97,14 +164,37 @@ def compile_for_inference(model: nn.Module) -> None:
 
 
 def _fold_batch_norms(model: nn.Module) -> None:
-    """Replace each conv-norm pair by one convolution with the norm's scale and shift in its weights."""
+    """Replace each conv-norm pair by one convolution with the norm's scale and shift in its weights: this
+    project's conv layers, and a convolution directly followed by a norm in any ``nn.Sequential`` (the
+    conv-norm-activation blocks of torchvision's heads and of segmentation_models_pytorch's decoders)."""
     for module in list(model.modules()):
         if isinstance(module, (ConvLayer, ShortCut)) and isinstance(module.normalization, FOLDABLE_NORMS):
             module.convolution = fuse_conv_bn_eval(module.convolution, module.normalization)
             module.normalization = nn.Identity()
+        elif isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for name, next_name in zip(names, names[1:]):
+                convolution, norm = module._modules[name], module._modules[next_name]
+                if isinstance(convolution, nn.Conv2d) and isinstance(norm, FOLDABLE_NORMS):
+                    module._modules[name] = fuse_conv_bn_eval(convolution, norm)
+                    module._modules[next_name] = nn.Identity()
+    unfolded = [name for name, module in model.named_modules() if isinstance(module, FOLDABLE_NORMS)]
+    if unfolded:
+        warnings.warn(
+            f"optimize_for_inference left {len(unfolded)} norm(s) of {type(model).__name__} unfolded (no "
+            f"convolution directly before them): {', '.join(unfolded[:5])}{', ...' if len(unfolded) > 5 else ''}. "
+            "They run as before.",
+            stacklevel=3,
+        )
 
 
-def _cast_pixel_values(
+def _submodule(model: nn.Module, name: str) -> Any:
+    for attribute in name.split("."):
+        model = getattr(model, attribute, None)
+    return model
+
+
+def _cast_inputs(
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -112,14 +202,19 @@ def _cast_pixel_values(
     dtype: torch.dtype,
     memory_format: torch.memory_format,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Forward pre-hook: 4-D floating-point ``pixel_values`` in the model's dtype and memory format, in one
-    copy (anything else is left for ``forward``'s input check to reject)."""
+    """Forward pre-hook: floating-point tensors (also in lists and dicts) in the part's dtype, 4-D ones in its
+    memory format, in one copy each."""
 
     def cast(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim == 4:
-            return value.to(dtype=dtype, memory_format=memory_format)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(dtype=dtype, memory_format=memory_format if value.ndim == 4 else torch.preserve_format)
         return value
 
-    if args:
-        return (cast(args[0]), *args[1:]), kwargs
-    return args, {name: cast(value) if name == "pixel_values" else value for name, value in kwargs.items()}
+    return tree_map(cast, args), tree_map(cast, kwargs)
+
+
+def _outputs_in_float32(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook of a low-precision part of a whole model: what follows it computes in float32."""
+    return tree_map(
+        lambda value: value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value, output
+    )

@@ -20,7 +20,7 @@ LIBRARIES = {"torchvision", "resnet_backbone", "timm", "transformers"}
 
 
 def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsys):
-    assert main(["bench", "--smoke", "--output-dir", str(tmp_path)]) == 0
+    assert main(["bench", "--smoke", "--tasks", "backbone", "--output-dir", str(tmp_path)]) == 0
 
     result = json.loads((tmp_path / "results.json").read_text())
     assert [w["kind"] for w in result["workloads"]] == ["inference", "training", "sweep", "sweep"]
@@ -70,3 +70,25 @@ def test_python_m_benchmarks_runs_from_the_repository_root():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m benchmarks") and "--smoke" in result.stdout
+
+
+def test_dense_smoke_run_checks_whole_segmenters_against_their_peers_and_splits_our_fastest_mode(tmp_path, capsys):
+    """DeepLabV3 against torchvision's own, U-Net with a tu-rb_ encoder against smp's resnet50 encoder."""
+    assert main(["bench", "--smoke", "--tasks", "segmentation", "--output-dir", str(tmp_path)]) == 0
+
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [(w["kind"], w["architecture"]) for w in result["workloads"]] == [
+        ("segmentation", "deeplabv3"),
+        ("segmentation", "unet"),
+    ]
+    for workload, peer in zip(result["workloads"], ("torchvision", "smp")):
+        assert workload["outputs_checked"] and workload["reference"] == f"{peer} eager fp32"
+        assert {case["library"] for case in workload["cases"]} == {peer, "resnet_backbone"}
+        for case in workload["cases"]:
+            assert 0 <= case["max_relative_diff"] <= case["tolerance"], (workload["label"], case["mode"])
+        assert any("compiled" in case for case in workload["skipped"])  # the smoke run compiles nothing
+        split = workload["part_split_ms"]
+        assert split["mode"].startswith("resnet_backbone ") and "rest" in split
+    assert {t["name"].split(" (")[0] for t in result["targets"]} >= {"our eager vs the peer's eager"}
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+    assert "ms per part" in capsys.readouterr().out

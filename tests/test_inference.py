@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
 from torch import nn
 
@@ -151,8 +150,8 @@ def test_group_norm_is_kept_because_it_depends_on_the_input(images):
 
 
 def test_unsupported_models_dtypes_and_inputs_are_clear_errors():
-    with pytest.raises(TypeError, match="takes a ResNetBackbone.*got ResNet"):
-        optimize_for_inference(torchvision.models.resnet18())
+    with pytest.raises(TypeError, match="takes a ResNetBackbone.*got str"):
+        optimize_for_inference("resnet18")
     with pytest.raises(TypeError, match="got OptimizedModule.*before any torch.compile"):
         optimize_for_inference(torch.compile(backbone(**TINY_BASIC)))
     with pytest.raises(ValueError, match="dtype must be None or one of torch.float32, torch.bfloat16"):

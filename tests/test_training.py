@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -14,7 +15,7 @@ import torch
 from helpers import TINY_BASIC
 from torch import nn
 
-from resnet_backbone import ResNetBackbone, ResNetConfig
+from resnet_backbone import ResNetBackbone, ResNetConfig, compile_for_training
 from resnet_backbone.cli.distributed import convert_sync_batchnorm
 from resnet_backbone.cli.main import main
 
@@ -122,3 +123,27 @@ def test_segmentation_trains_an_smp_model_whose_encoder_starts_from_given_weight
     trained = ResNetBackbone.from_pretrained(tmp_path / "run" / "backbone").state_dict()
     convolutions = [key for key in trained if key.endswith("convolution.weight")]
     assert convolutions and all(torch.equal(trained[key], start.state_dict()[key]) for key in convolutions)
+
+
+@pytest.mark.slow
+def test_compiled_fine_tuning_step_gives_the_eager_loss_and_keeps_frozen_parameters_frozen():
+    """compile_for_training (train --compile) on a small conv-BN net with a frozen first convolution: the
+    same first loss and update as eager, and the frozen weights get no gradient and do not move."""
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    eager[0].requires_grad_(False)
+    frozen_weight = eager[0].weight.clone()
+    compiled = copy.deepcopy(eager)
+    compile_for_training(compiled)
+    assert compiled[3].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 16, 16)
+    losses = []
+    for model in (eager, compiled):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loss = model(images).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        assert model[0].weight.grad is None and torch.equal(model[0].weight, frozen_weight)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for trained, reference in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(trained, reference, rtol=1e-4, atol=1e-6)

@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="per process")
     parser.add_argument("--lr", type=non_negative_float, default=1e-3, help="0 keeps the weights (a dry run)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--compile", action="store_true",
+                        help="fast path: channels_last, dense parts compiled (fixed image size)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=output_directory, default="train-output", metavar="DIR")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=100, metavar="STEPS")
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> list[float]:
         options = TrainingOptions(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, precision=args.precision,
             seed=args.seed, output_dir=args.output_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-            stop_at_step=args.stop_at_step, sync_batchnorm=args.sync_bn,
+            stop_at_step=args.stop_at_step, sync_batchnorm=args.sync_bn, compile=args.compile,
         )  # fmt: skip
         evaluation = None
         if task.val_dataset is not None:

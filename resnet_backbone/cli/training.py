@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from ..inference import compile_for_training, computes_bf16_natively
 from ..weights.files import atomic_write
 from .distributed import convert_sync_batchnorm
 
@@ -49,6 +50,7 @@ class TrainingOptions:
     resume: bool = False
     stop_at_step: int | None = None  # end this run early (checkpointed) to resume later, e.g. a preemptible job
     sync_batchnorm: bool = False
+    compile: bool = False  # channels_last and the dense parts compiled: see compile_for_training
     show_progress: bool = True
 
 
@@ -89,9 +91,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    return "bf16" if computes_bf16_natively(device) else "fp32"
 
 
 def autocast_for(precision: str, device: torch.device) -> AbstractContextManager:
@@ -135,6 +135,8 @@ def fit(
                 "refuses SyncBatchNorm on CPU). Train without --sync-bn on CPUs."
             )
         model = convert_sync_batchnorm(model)
+    if options.compile:
+        compile_for_training(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=options.weight_decay, fused=True)
     scheduler = warmup_cosine(optimizer, options.steps, min(options.warmup_steps, options.steps // 10 or 1))
