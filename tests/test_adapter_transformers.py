@@ -410,6 +410,7 @@ def test_saved_models_and_hub_ids_load_in_a_fresh_offline_process_only_with_the_
     reload = """
 import sys, torch, transformers
 saved = torch.load(sys.argv[1])
+torch.set_num_threads(int(sys.argv[2]))  # the parent's: another thread count may change the last bit
 for with_adapter in (False, True):
     if with_adapter:
         import resnet_backbone.adapters.transformers
@@ -427,7 +428,8 @@ backbone = transformers.AutoBackbone.from_config(config).state_dict()
 print(all(torch.equal(backbone[name], value) for name, value in saved["hub"].items()))
 """
     environment = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    lines = run_python(reload, environment, [str(tmp_path / "checks.pt")]).stdout.strip().splitlines()
+    arguments = [str(tmp_path / "checks.pt"), str(torch.get_num_threads())]
+    lines = run_python(reload, environment, arguments).stdout.strip().splitlines()
     without, with_adapter, hub_weights_loaded = lines[:2], lines[2:4], lines[4:]
     assert all(line.startswith("False|") and "resnet_backbone" in line for line in without), without
     assert with_adapter == ["True|0.0", "True|0.0"]
