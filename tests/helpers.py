@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -17,6 +18,12 @@ ALL_STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
 # Small architectures that still exercise every stage (and its first-block shortcut).
 TINY_BOTTLENECK = dict(embedding_size=32, hidden_sizes=[64, 128, 192, 256], depths=[1, 2, 1, 1])
 TINY_BASIC = dict(layer_type="basic", embedding_size=32, hidden_sizes=[32, 48, 64, 96], depths=[1, 1, 2, 1])
+
+
+def slow_param(*values: object, id: str | None = None) -> object:  # noqa: A002  (pytest.param's name)
+    """A parameter that runs in the full suite only, not in the inner loop (``pytest -m "not slow"``): a
+    full-size model (ResNet-50 and up, a whole detector), or more of a grid the inner loop samples."""
+    return pytest.param(*values, id=id, marks=pytest.mark.slow)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

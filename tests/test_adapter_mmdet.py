@@ -12,7 +12,6 @@ import torchvision
 from helpers import max_abs_diff, randomize_norms
 from mmengine.config import Config
 from mmengine.registry import MODELS
-from mmengine.runner.checkpoint import get_torchvision_models, load_checkpoint
 from torch import nn
 
 import resnet_backbone.adapters.mmdet as mmdet_adapter
@@ -124,6 +123,8 @@ def test_state_dict_speaks_mmdets_keys_and_loads_them_strictly(arguments, keys, 
 
 
 def test_mmengines_load_checkpoint_reads_a_detector_checkpoint(tmp_path, small_images):
+    from mmengine.runner.checkpoint import load_checkpoint  # mmengine's runner takes seconds to import
+
     source = randomize_norms(Detector(depth=18, **NARROW)).eval()
     path = tmp_path / "epoch_12.pth"
     torch.save({"meta": {"epoch": 12}, "state_dict": source.state_dict()}, path)
@@ -144,6 +145,8 @@ def test_a_missing_key_is_reported_under_mmdets_name():
 
 def test_init_cfg_loads_torchvision_weights_from_torch_home(tmp_path, monkeypatch, small_images):
     """``torchvision://resnet18`` as mmdet reads it (mmengine's URL table, torch's hub cache), offline."""
+    from mmengine.runner.checkpoint import get_torchvision_models
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     reference = randomize_norms(torchvision.models.resnet18()).eval()
     cache = tmp_path / "hub" / "checkpoints"

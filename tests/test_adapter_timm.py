@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import math
 import os
 import warnings
@@ -19,7 +20,7 @@ import timm.optim
 import timm.utils
 import torch
 import torchvision
-from helpers import max_abs_diff, randomize_norms
+from helpers import max_abs_diff, randomize_norms, slow_param
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import adapt_input_conv
@@ -58,6 +59,7 @@ def from_file(name: str, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
 # ---------------------------------------------------------------- registration
 
 
+@pytest.mark.slow
 def test_every_preset_is_registered_with_configs_that_name_its_modules():
     assert set(timm.list_models("rb_*")) == set(MODEL_NAMES) and len(MODEL_NAMES) == len(PRESETS)
     for preset in PRESETS:
@@ -71,6 +73,7 @@ def test_every_preset_is_registered_with_configs_that_name_its_modules():
         assert cfg["architecture"] == f"rb_{preset}" and cfg["num_classes"] == model.num_classes == 1000
 
 
+@pytest.mark.slow
 def test_timm_data_config_helpers_work():
     expected = dict(input_size=(3, 224, 224), interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN,
                     std=IMAGENET_DEFAULT_STD, crop_pct=0.875, crop_mode="center")  # fmt: skip
@@ -94,6 +97,7 @@ def test_importing_again_registers_nothing_and_does_not_warn():
 # ---------------------------------------------------------------- features_only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "resnet50d"])
 def test_features_equal_timms_own_features_only(name, timm_file):
     path, images = timm_file(name), small_images()
@@ -127,7 +131,7 @@ def test_feature_info_matches_a_real_forward():
         assert output.shape[1:] == (channels, math.ceil(height / reduction), math.ceil(width / reduction))
 
 
-@pytest.mark.parametrize("out_indices", [(1, 2, 3, 4), (0, 2), (4,), 2, (-3, -1)])
+@pytest.mark.parametrize("out_indices", [(-3, -1), *map(slow_param, [(1, 2, 3, 4), (0, 2), (4,), 2])])
 def test_out_indices_select_what_timm_selects(out_indices, timm_file, images):
     path = timm_file("resnet18")
     ours = from_file("rb_resnet18", path, features_only=True, out_indices=out_indices)
@@ -143,6 +147,7 @@ def test_out_indices_select_what_timm_selects(out_indices, timm_file, images):
         assert max_abs_diff(feature, expected) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "in_chans"), [("resnet18", 1), ("resnet50d", 4)])
 def test_in_chans_adapts_the_pretrained_first_conv_as_timm_does(name, in_chans, timm_file):
     path = timm_file(name)
@@ -160,7 +165,9 @@ def test_in_chans_adapts_the_pretrained_first_conv_as_timm_does(name, in_chans, 
 # ---------------------------------------------------------------- pretrained files
 
 
-@pytest.mark.parametrize("source", ["save_pretrained directory", "safetensors file", "torchvision file"])
+@pytest.mark.parametrize(
+    "source", ["torchvision file", slow_param("save_pretrained directory"), slow_param("safetensors file")]
+)
 def test_loads_checkpoints_of_this_project_and_torchvision(source, tmp_path, images):
     if source == "torchvision file":
         checkpoint = tmp_path / "resnet18.pth"
@@ -180,6 +187,7 @@ def test_loads_checkpoints_of_this_project_and_torchvision(source, tmp_path, ima
             assert max_abs_diff(feature, expected) <= 1e-5
 
 
+@pytest.mark.slow
 def test_a_model_trained_through_timm_loads_back_into_this_projects_models(tmp_path, images):
     trained = randomize_norms(timm.create_model("rb_resnet18", num_classes=5)).eval()
     trained.save_pretrained(tmp_path)
@@ -199,6 +207,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
 # ---------------------------------------------------------------- classifier conventions
 
 
+@pytest.mark.slow
 def test_classifier_follows_timms_model_api(timm_file, images):
     ours, theirs = from_file("rb_resnet18", timm_file("resnet18")), from_file("resnet18", timm_file("resnet18"))
     assert (ours.num_classes, ours.num_features, ours.head_hidden_size, ours.in_chans) == (1000, 512, 512, 3)
@@ -223,6 +232,7 @@ def test_classifier_follows_timms_model_api(timm_file, images):
     assert headless(images).shape == (2, 512) and isinstance(headless.get_classifier(), nn.Identity)
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_and_freezing_come_from_the_trunk(images):
     model = timm.create_model("rb_resnet18", num_classes=3, freeze_at=2, drop_rate=0.5).train()
     assert not any(p.requires_grad for p in model.encoder.stages[0].parameters())
@@ -250,6 +260,7 @@ def test_grad_checkpointing_and_freezing_come_from_the_trunk(images):
         assert max_abs_diff(gradient, expected) <= 1e-6
 
 
+@pytest.mark.slow
 def test_timm_training_utilities_run_it():
     torch.manual_seed(0)
     model = timm.create_model("rb_resnet18", num_classes=4, drop_path_rate=0.1)
@@ -293,7 +304,7 @@ def test_bad_input_is_a_clear_error():
 
 # ---------------------------------------------------------------- segmentation_models_pytorch
 
-SEGMENTERS = ["Unet", "FPN", "DeepLabV3Plus-os16", "DeepLabV3Plus-os8"]
+SEGMENTERS = ["Unet", "DeepLabV3Plus-os8", *map(slow_param, ["FPN", "DeepLabV3Plus-os16"])]
 
 
 def segmenter(architecture: str, encoder: str, depth: int, in_channels: int, classes: int = 2) -> nn.Module:
@@ -317,8 +328,10 @@ def check_forward_and_backward(model: nn.Module, images: torch.Tensor, classes: 
     assert not unused, f"encoder parameters without gradients: {unused[:5]}"
 
 
-@pytest.mark.parametrize("depth", [3, 4, 5])
-@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize(
+    ("in_channels", "depth"),
+    [(shape if shape == (3, 5) else slow_param(*shape)) for shape in itertools.product([1, 3], [3, 4, 5])],
+)
 @pytest.mark.parametrize("architecture", SEGMENTERS)
 def test_smp_segmenters_with_a_tu_rb_encoder(architecture, in_channels, depth):
     torch.manual_seed(0)
@@ -328,6 +341,7 @@ def test_smp_segmenters_with_a_tu_rb_encoder(architecture, in_channels, depth):
     check_forward_and_backward(model, torch.randn(2, in_channels, 32, 32), classes=2)
 
 
+@pytest.mark.slow
 def test_readme_smp_example_with_resnet50():
     torch.manual_seed(0)
     unet = smp.Unet("tu-rb_resnet50", encoder_weights=None, in_channels=1, classes=4)
@@ -335,6 +349,7 @@ def test_readme_smp_example_with_resnet50():
     check_forward_and_backward(unet, torch.randn(2, 1, 64, 64), classes=4)
 
 
+@pytest.mark.slow
 def test_smp_encoder_weights_load_from_a_file_and_adapt_to_in_channels(timm_file, images):
     path = timm_file("resnet18")
     unet = smp.Unet("tu-rb_resnet18", encoder_weights=True, in_channels=1, pretrained_cfg_overlay=dict(file=path))
@@ -366,6 +381,7 @@ def iou(model: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
     return ((predicted & (masks > 0)).sum() / (predicted | (masks > 0)).sum()).item()
 
 
+@pytest.mark.slow
 def test_a_short_smp_unet_fine_tune_learns_synthetic_masks():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import max_abs_diff, randomize_norms
+from helpers import max_abs_diff, randomize_norms, slow_param
 from torchvision.models import detection, segmentation
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as torchvision_resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -38,7 +38,7 @@ def test_fpn_backbone_outputs_what_torchvisions_gives():
         assert shapes[name] == (feature.shape[1], images.shape[-1] // feature.shape[-1])
 
 
-@pytest.mark.parametrize("trainable_layers", range(6))
+@pytest.mark.parametrize("trainable_layers", [3, *map(slow_param, [0, 1, 2, 4, 5])])
 def test_trainable_layers_freeze_what_torchvision_freezes(trainable_layers):
     ours = resnet_fpn_backbone("resnet50", norm_layer="frozen_batch", trainable_layers=trainable_layers)
     theirs = torchvision_resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=trainable_layers)
@@ -76,6 +76,7 @@ def test_extra_blocks_p6p7_and_bad_arguments(images):
         build_detector("faster_rcnn")
 
 
+@pytest.mark.slow
 def test_the_body_returns_named_features_and_a_whole_detector_scripts(tmp_path):
     backbone = ResNetBackbone.from_preset("resnet18", out_features=["stage2", "stage4"]).eval()
     body = ResNetBody(backbone)
@@ -103,6 +104,7 @@ def test_the_body_returns_named_features_and_a_whole_detector_scripts(tmp_path):
         assert torch.equal(mine["boxes"], reference["boxes"]) and torch.equal(mine["scores"], reference["scores"])
 
 
+@pytest.mark.slow
 def test_the_body_follows_the_backbones_selection_eagerly_and_when_scripted():
     backbone = ResNetBackbone.from_preset("resnet18").eval()
     body = ResNetBody(backbone)
@@ -121,6 +123,7 @@ def test_the_body_follows_the_backbones_selection_eagerly_and_when_scripted():
 # ---------------------------------------------------------------- parity with torchvision's models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "builder", "threshold"),
     [
@@ -149,6 +152,7 @@ def test_torchvision_detector_weights_give_identical_features_and_detections(kin
             assert max_abs_diff(mine["masks"], reference["masks"]) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aux_loss", [False, True])
 def test_torchvision_deeplabv3_weights_give_identical_logits(aux_loss, images):
     theirs = segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=4, aux_loss=aux_loss)
@@ -163,6 +167,7 @@ def test_torchvision_deeplabv3_weights_give_identical_logits(aux_loss, images):
         assert max_abs_diff(actual[key], expected[key]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_weights_of_another_model_kind_are_refused_and_nothing_is_loaded():
     theirs = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5)
     ours = build_detector("fasterrcnn", "resnet50", num_classes=5)
@@ -174,6 +179,7 @@ def test_weights_of_another_model_kind_are_refused_and_nothing_is_loaded():
     assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
 
 
+@pytest.mark.slow
 def test_a_mis_shaped_detector_checkpoint_fails_as_a_mis_shaped_backbone_checkpoint_does():
     """One loader: the same error type, report fields and 'nothing was loaded' promise as the core's."""
     theirs = detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=7)
@@ -219,6 +225,7 @@ def _stage_gradients(backbone: ResNetBackbone) -> list[bool]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fasterrcnn", "maskrcnn", "keypointrcnn", "retinanet", "fcos"])
 def test_every_detector_builder_trains_one_step_and_then_predicts(kind):
     model = build_detector(kind, "resnet18", num_classes=3, trainable_layers=3, **SMALL_DETECTION).train()
@@ -234,6 +241,7 @@ def test_every_detector_builder_trains_one_step_and_then_predicts(kind):
     assert len(predictions) == 2 and all(p["boxes"].shape[-1] == 4 for p in predictions)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["deeplabv3", "fcn"])
 def test_every_segmenter_builder_trains_one_step_and_then_predicts(kind):
     model = build_segmenter(kind, "resnet18", num_classes=3, aux_loss=True).train()
@@ -250,6 +258,7 @@ def test_every_segmenter_builder_trains_one_step_and_then_predicts(kind):
         assert model.eval()(images)["out"].shape == (2, 3, 72, 88)
 
 
+@pytest.mark.slow
 def test_frozen_stages_stay_bit_identical_through_training():
     model = build_detector("fcos", "resnet18", num_classes=3, trainable_layers=2, **SMALL_DETECTION).train()
     backbone = model.backbone.body.backbone
@@ -270,6 +279,7 @@ def test_frozen_stages_stay_bit_identical_through_training():
     assert not torch.equal(trainable_before, state["encoder.stages.2.layers.0.layer.0.normalization.running_mean"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "builder"),
     [("fasterrcnn", detection.fasterrcnn_resnet50_fpn), ("retinanet", detection.retinanet_resnet50_fpn),

@@ -349,6 +349,7 @@ def test_auto_backbone_loads_ours_and_transformers_checkpoints(our_checkpoint, t
 # ---------------------------------------------------------------- transformers' timm route
 
 
+@pytest.mark.slow
 def test_timm_route_builds_offline_and_takes_weights_by_the_documented_recipe(tmp_path):
     with torch.device("meta"):  # the offline build is the point here, not the weights
         backbone = AutoBackbone.from_config(TimmBackboneConfig(backbone="rb_resnet50", out_indices=[1, 2, 3, 4]))

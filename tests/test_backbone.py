@@ -7,7 +7,7 @@ import timm
 import torch
 import torchvision
 import transformers
-from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
+from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms, slow_param
 from torch import nn
 
 from resnet_backbone import BackboneOutput, ResNetBackbone, ResNetConfig
@@ -48,6 +48,7 @@ def test_feature_maps_equal_transformers(config_fields, images):
         assert max_abs_diff(mine, reference) <= 1e-5
 
 
+@pytest.mark.slow
 def test_resnet50_state_dict_keys_and_features_equal_transformers(images):
     theirs, ours = transformers_pair()
     assert list(ours.state_dict()) == list(theirs.state_dict())
@@ -92,7 +93,7 @@ def test_metadata_matches_a_real_forward(fields, output_stride):
 
 
 @pytest.mark.parametrize("output_stride", [32, 16, 8])
-@pytest.mark.parametrize("name", ["resnet18", "resnet50d"])
+@pytest.mark.parametrize("name", ["resnet18", slow_param("resnet50d")])
 def test_strides_follow_timm_output_stride(name, output_stride):
     with torch.device("meta"):
         theirs = timm.create_model(name, features_only=True, output_stride=output_stride, out_indices=(1, 2, 3, 4))
@@ -140,6 +141,7 @@ def test_the_stage_iterator_yields_every_point_with_the_metadata_of_its_tensor(o
     assert backbone.size_divisibility == outputs[-1].stride
 
 
+@pytest.mark.slow
 def test_forward_is_a_plain_loop_that_traces_without_graph_breaks(images):
     backbone = ResNetBackbone(**TINY_BASIC, out_features=["stage1", "stage3"]).eval()
     explanation = torch._dynamo.explain(backbone)(images)

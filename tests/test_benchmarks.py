@@ -19,6 +19,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 LIBRARIES = {"torchvision", "resnet_backbone", "timm", "transformers"}
 
 
+@pytest.mark.slow
 def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsys):
     assert main(["bench", "--smoke", "--tasks", "backbone", "--output-dir", str(tmp_path)]) == 0
 
@@ -43,6 +44,7 @@ def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsy
     assert "| torchvision     | eager fp32 " in printed and "fast path float32 (no compile)" in printed
 
 
+@pytest.mark.slow
 def test_a_peer_that_computes_something_else_is_refused_before_timing():
     from resnet_backbone.benchmarks.modes import EAGER_FP32
     from resnet_backbone.benchmarks.peers import build_peers
@@ -64,6 +66,7 @@ def test_a_peer_that_computes_something_else_is_refused_before_timing():
         )
 
 
+@pytest.mark.slow
 def test_python_m_benchmarks_runs_from_the_repository_root():
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--help"], cwd=REPOSITORY, capture_output=True, text=True, timeout=120
@@ -72,6 +75,7 @@ def test_python_m_benchmarks_runs_from_the_repository_root():
     assert result.stdout.startswith("usage: python -m benchmarks") and "--smoke" in result.stdout
 
 
+@pytest.mark.slow
 def test_dense_smoke_run_checks_whole_segmenters_against_their_peers_and_splits_our_fastest_mode(tmp_path, capsys):
     """DeepLabV3 against torchvision's own, U-Net with a tu-rb_ encoder against smp's resnet50 encoder."""
     assert main(["bench", "--smoke", "--tasks", "segmentation", "--output-dir", str(tmp_path)]) == 0

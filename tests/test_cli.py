@@ -1,4 +1,5 @@
-"""The `resnet-backbone` console script, run as a user runs it."""
+"""The `resnet-backbone` command line: each verb through ``main(argv)`` in this process (what the console
+script calls), and the installed console script itself once."""
 
 from __future__ import annotations
 
@@ -18,10 +19,16 @@ from resnet_backbone import ResNetConfig, ResNetModel
 from resnet_backbone.cli.main import main
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    executable = shutil.which("resnet-backbone")
-    assert executable, "the console script is not installed"
-    return subprocess.run([executable, *args], capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def run_cli(capsys):
+    """Run the command line with these arguments, as the console script does: (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
 
 
 def _table(stdout: str) -> dict[str, list[str]]:
@@ -29,10 +36,11 @@ def _table(stdout: str) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows if row and row[0].startswith(("stem", "stage"))}
 
 
-def test_info_reports_what_torchvision_resnet50_measures():
-    result = run_cli("info", "resnet50", "--input", "3x800x1333", "--out-features", "stage2", "stage4")
-    assert result.returncode == 0, result.stderr
-    table = _table(result.stdout)
+@pytest.mark.slow
+def test_info_reports_what_torchvision_resnet50_measures(run_cli):
+    code, stdout, stderr = run_cli("info", "resnet50", "--input", "3x800x1333", "--out-features", "stage2", "stage4")
+    assert code == 0, stderr
+    table = _table(stdout)
 
     with torch.device("meta"):
         peer = torchvision.models.resnet50()
@@ -49,16 +57,27 @@ def test_info_reports_what_torchvision_resnet50_measures():
             assert float(params) == pytest.approx(sum(p.numel() for p in module.parameters()) / 1e6, abs=0.006)
             assert float(gflops) == pytest.approx(counter.get_total_flops() / 1e9, abs=0.006)
             assert output == (["yes"] if name in ("stage2", "stage4") else [])
-    assert "total" in result.stdout
+    assert "total" in stdout
 
 
-def test_info_reads_a_config_json(tmp_path):
+def test_info_reads_a_config_json(tmp_path, run_cli):
     ResNetConfig.from_preset("resnet18", out_features=["stage3"]).to_json_file(tmp_path / "config.json")
-    result = run_cli("info", str(tmp_path / "config.json"))
-    assert result.returncode == 0, result.stderr
-    table = _table(result.stdout)
+    code, stdout, stderr = run_cli("info", str(tmp_path / "config.json"))
+    assert code == 0, stderr
+    table = _table(stdout)
     assert table["stage3"][1:3] == ["256", "16"] and table["stage3"][-1] == "yes"
-    assert run_cli("info", str(tmp_path)).stdout == result.stdout.replace(str(tmp_path / "config.json"), str(tmp_path))
+    assert run_cli("info", str(tmp_path))[1] == stdout.replace(str(tmp_path / "config.json"), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_installed_console_script_runs_a_verb_and_ends_an_error_with_exit_code_2():
+    executable = shutil.which("resnet-backbone")
+    assert executable, "the console script is not installed"
+    result = subprocess.run([executable, "info", "resnet18"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "stage4" in result.stdout, result.stderr
+    result = subprocess.run([executable, "info", "resnet5"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Did you mean 'resnet50'" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -70,9 +89,9 @@ def test_info_reads_a_config_json(tmp_path):
         (["info", "missing/config.json"], "does not exist"),
     ],
 )
-def test_info_errors_are_short_and_actionable(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+def test_info_errors_are_short_and_actionable(args, message, run_cli):
+    code, _, stderr = run_cli(*args)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize(
@@ -109,25 +128,26 @@ def _reported_difference(stdout: str) -> float:
     return float(stdout.strip().splitlines()[-1].rsplit(":", 1)[1])
 
 
-def test_convert_moves_weights_across_all_three_libraries(tmp_path, images):
+@pytest.mark.slow
+def test_convert_moves_weights_across_all_three_libraries(tmp_path, images, run_cli):
     peer = randomize_norms(torchvision.models.resnet18().eval())
     torch.save(peer.state_dict(), tmp_path / "torchvision.pth")
     with torch.no_grad():
         expected = peer(images)
 
-    result = run_cli("convert", str(tmp_path / "torchvision.pth"), str(tmp_path / "hf"))
-    assert result.returncode == 0, result.stderr
-    assert "resnet18 (torchvision -> hf)" in result.stdout and _reported_difference(result.stdout) <= 1e-5
+    code, stdout, stderr = run_cli("convert", str(tmp_path / "torchvision.pth"), str(tmp_path / "hf"))
+    assert code == 0, stderr
+    assert "resnet18 (torchvision -> hf)" in stdout and _reported_difference(stdout) <= 1e-5
     theirs = transformers.ResNetForImageClassification.from_pretrained(tmp_path / "hf").eval()
 
-    result = run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "timm.safetensors"), "--to", "timm")
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "timm.safetensors"), "--to", "timm")
+    assert code == 0, stderr
     timm_model = timm.create_model("resnet18").eval()
     timm_model.load_state_dict(load_file(tmp_path / "timm.safetensors"), strict=True)
 
     args = ["--from", "timm", "--to", "torchvision"]
-    result = run_cli("convert", str(tmp_path / "timm.safetensors"), str(tmp_path / "back.pth"), *args)
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = run_cli("convert", str(tmp_path / "timm.safetensors"), str(tmp_path / "back.pth"), *args)
+    assert code == 0, stderr
     torchvision_model = torchvision.models.resnet18().eval()
     torchvision_model.load_state_dict(torch.load(tmp_path / "back.pth"), strict=True)
     with torch.no_grad():
@@ -135,8 +155,9 @@ def test_convert_moves_weights_across_all_three_libraries(tmp_path, images):
             assert max_abs_diff(logits, expected) <= 1e-5
 
 
-def test_convert_refuses_what_the_target_cannot_hold(tmp_path):
+@pytest.mark.slow
+def test_convert_refuses_what_the_target_cannot_hold(tmp_path, run_cli):
     ResNetModel.from_preset("resnet50d").save_pretrained(tmp_path / "resnet50d")
-    result = run_cli("convert", str(tmp_path / "resnet50d"), str(tmp_path / "out.pth"), "--to", "torchvision")
-    assert result.returncode == 2 and "torchvision cannot represent resnet50d" in result.stderr
+    code, _, stderr = run_cli("convert", str(tmp_path / "resnet50d"), str(tmp_path / "out.pth"), "--to", "torchvision")
+    assert code == 2 and "torchvision cannot represent resnet50d" in stderr
     assert not (tmp_path / "out.pth").exists()

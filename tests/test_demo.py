@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import matplotlib.image
+import pytest
 import torch
 
 from resnet_backbone.cli.synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, render_scene
@@ -33,6 +34,7 @@ def test_datasets_share_the_scenes():
     assert torch.equal(image, same_image) and set(mask.unique().tolist()) >= {0, *target["labels"].tolist()}
 
 
+@pytest.mark.slow
 def test_demo_smoke_run_writes_its_pictures(tmp_path):
     command = [shutil.which("resnet-backbone"), "demo", "--epochs", "1", "--train-images", "16",
                "--eval-images", "8", "--image-size", "64", "--output-dir", str(tmp_path)]  # fmt: skip

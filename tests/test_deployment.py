@@ -32,6 +32,7 @@ def _close(first: BackboneOutput, second: BackboneOutput, tolerance: float) -> b
 # ---------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward_match_eager():
     torch._dynamo.reset()
     backbone = ResNetBackbone(**TINY_BASIC, out_features=["stage2", "stage4"]).train()
@@ -48,6 +49,7 @@ def test_compile_fullgraph_forward_and_backward_match_eager():
         assert max_abs_diff(compiled_grad, eager) <= 1e-4 * max(1.0, eager.abs().max().item())
 
 
+@pytest.mark.slow
 def test_compile_dynamic_over_batch_and_size_without_recompiling():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -65,6 +67,7 @@ def test_compile_dynamic_over_batch_and_size_without_recompiling():
 # ---------------------------------------------------------------- torch.export
 
 
+@pytest.mark.slow
 def test_export_with_dynamic_batch_height_and_width_gives_the_same_feature_maps():
     backbone = tiny_backbone(layer_type="bottleneck", hidden_sizes=TINY_BOTTLENECK["hidden_sizes"])
     program = torch.export.export(backbone, (torch.randn(2, 3, 64, 96),), dynamic_shapes=dynamic_shapes(backbone))
@@ -76,6 +79,7 @@ def test_export_with_dynamic_batch_height_and_width_gives_the_same_feature_maps(
             assert isinstance(output, BackboneOutput) and _close(output, backbone(images), 1e-5)
 
 
+@pytest.mark.slow
 def test_export_accepts_hand_written_dynamic_shapes_and_dilated_backbones():
     backbone = tiny_backbone(output_stride=8)
     height, width = torch.export.Dim("h", min=1, max=32), torch.export.Dim("w", min=1, max=32)
@@ -94,6 +98,7 @@ def _run_onnx(path, images: torch.Tensor) -> list:
     return session.run(None, {"pixel_values": images.numpy()})
 
 
+@pytest.mark.slow
 def test_onnx_export_has_named_dynamic_outputs_that_onnxruntime_matches(tmp_path):
     backbone = tiny_backbone()
     path = export_onnx(backbone, tmp_path / "backbone.onnx")
@@ -108,6 +113,7 @@ def test_onnx_export_has_named_dynamic_outputs_that_onnxruntime_matches(tmp_path
             assert max_abs_diff(torch.from_numpy(actual), reference) <= 1e-4
 
 
+@pytest.mark.slow
 def test_onnx_export_of_the_torchvision_fpn_backbone(tmp_path):
     fpn = resnet_fpn_backbone(tiny_backbone(out_features=ALL_STAGES[1:])).eval()
     path = export_onnx(fpn, tmp_path / "fpn.onnx")
@@ -120,6 +126,7 @@ def test_onnx_export_of_the_torchvision_fpn_backbone(tmp_path):
             assert max_abs_diff(torch.from_numpy(actual), reference) <= 1e-4
 
 
+@pytest.mark.slow
 def test_export_onnx_command_line(tmp_path):
     ResNetBackbone(**TINY_BASIC).save_pretrained(tmp_path / "checkpoint")
     command = [shutil.which("resnet-backbone"), "export-onnx", str(tmp_path / "checkpoint"), str(tmp_path / "m.onnx"),
@@ -137,6 +144,7 @@ def test_export_onnx_command_line(tmp_path):
 # ---------------------------------------------------------------- TorchScript
 
 
+@pytest.mark.slow
 def test_the_torchvision_body_scripts_saves_and_reloads_with_identical_outputs(tmp_path):
     body = ResNetBody(tiny_backbone())
     scripted = torch.jit.script(body)

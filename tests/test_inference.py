@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
+from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms, slow_param
 from torch import nn
 
 from resnet_backbone import (
@@ -54,7 +54,13 @@ def assert_same_features(reference: BackboneOutput, actual: BackboneOutput, tole
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("fields", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize(
+    "fields",
+    [
+        slow_param(fields, id=name) if name == "resnet50" else pytest.param(fields, id=name)
+        for name, fields in CONFIGS.items()
+    ],
+)
 def test_float32_matches_original(fields, memory_format, images):
     original = backbone(**fields)
     optimized = optimize_for_inference(original)
@@ -66,7 +72,14 @@ def test_float32_matches_original(fields, memory_format, images):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fields", [CONFIGS["resnet50"], TINY_BASIC, GROUP_NORM], ids=["resnet50", "basic", "group"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        slow_param(CONFIGS["resnet50"], id="resnet50"),
+        pytest.param(TINY_BASIC, id="basic"),
+        pytest.param(GROUP_NORM, id="group"),
+    ],
+)
 def test_low_precision_within_documented_tolerance_and_outputs_in_that_dtype(fields, dtype, images):
     original = backbone(**fields)
     optimized = optimize_for_inference(original, dtype=dtype)
@@ -152,8 +165,6 @@ def test_group_norm_is_kept_because_it_depends_on_the_input(images):
 def test_unsupported_models_dtypes_and_inputs_are_clear_errors():
     with pytest.raises(TypeError, match="takes a ResNetBackbone.*got str"):
         optimize_for_inference("resnet18")
-    with pytest.raises(TypeError, match="got OptimizedModule.*before any torch.compile"):
-        optimize_for_inference(torch.compile(backbone(**TINY_BASIC)))
     with pytest.raises(ValueError, match="dtype must be None or one of torch.float32, torch.bfloat16"):
         optimize_for_inference(backbone(**TINY_BASIC), dtype=torch.float64)
     optimized = optimize_for_inference(backbone(**TINY_BASIC), dtype=torch.bfloat16)
@@ -163,7 +174,10 @@ def test_unsupported_models_dtypes_and_inputs_are_clear_errors():
         optimized(torch.zeros(3, 32, 32))
 
 
+@pytest.mark.slow
 def test_compiled_fast_path_matches_original_for_both_memory_formats():
+    with pytest.raises(TypeError, match="got OptimizedModule.*before any torch.compile"):
+        optimize_for_inference(torch.compile(backbone(**TINY_BASIC)))
     original = backbone(**TINY_BASIC)
     optimized = optimize_for_inference(original, compile=True)
     assert type(optimized) is ResNetBackbone

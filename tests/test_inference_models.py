@@ -76,6 +76,7 @@ def assert_folded_and_channels_last(model: nn.Module) -> None:
                 assert parameter.is_contiguous(memory_format=torch.channels_last), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DETECTORS)
 def test_optimized_detector_gives_the_detections_of_torchvisions_own_model(kind):
     """torchvision's detector, its weights loaded into ours, ours optimised: the detections stay torchvision's."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import transformers
 from helpers import ALL_STAGES, TINY_BASIC
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from resnet_backbone import ResNetBackbone, ResNetConfig, align_out_features
 
@@ -18,52 +18,64 @@ def transformers_alignment(out_features=None, out_indices=None) -> tuple[list[st
     return config.out_features, [i % NUM_STAGES for i in config.out_indices]
 
 
-@st.composite
-def stage_subsets(draw) -> list[int]:
-    """Any subset of stages, in order, each index written as positive or negative."""
-    chosen = draw(st.lists(st.booleans(), min_size=NUM_STAGES, max_size=NUM_STAGES))
-    indices = [i for i, keep in enumerate(chosen) if keep]
-    return [i - NUM_STAGES if draw(st.booleans()) else i for i in indices]
+def every_stage_subset() -> list[list[int]]:
+    """Every subset of stages, in order, with each index written as positive and as negative (3^5 lists)."""
+    choices = [(None, i, i - NUM_STAGES) for i in range(NUM_STAGES)]
+    return [[i for i in chosen if i is not None] for chosen in itertools.product(*choices)]
 
 
-@settings(max_examples=150, deadline=None)
-@given(stage_subsets())
-def test_every_subset_by_index_aligns_as_transformers(out_indices):
-    assert align_out_features(ALL_STAGES, None, out_indices) == transformers_alignment(out_indices=out_indices)
+def test_every_subset_by_index_aligns_as_transformers():
+    for out_indices in every_stage_subset():
+        assert align_out_features(ALL_STAGES, None, out_indices) == transformers_alignment(out_indices=out_indices)
 
 
-@settings(max_examples=60, deadline=None)
-@given(stage_subsets())
-def test_every_subset_by_name_or_both_aligns_as_transformers(out_indices):
-    names = [ALL_STAGES[i] for i in out_indices]
-    expected = transformers_alignment(out_features=names)
-    assert align_out_features(ALL_STAGES, names, None) == expected
-    assert align_out_features(ALL_STAGES, tuple(names), tuple(out_indices)) == expected
-    assert expected == transformers_alignment(out_features=names, out_indices=out_indices)
+def test_every_subset_by_name_or_both_aligns_as_transformers():
+    for out_indices in every_stage_subset():
+        names = [ALL_STAGES[i] for i in out_indices]
+        expected = transformers_alignment(out_features=names)
+        assert align_out_features(ALL_STAGES, names, None) == expected
+        assert align_out_features(ALL_STAGES, tuple(names), tuple(out_indices)) == expected
+        assert expected == transformers_alignment(out_features=names, out_indices=out_indices)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(-8, 8), max_size=6))
-def test_arbitrary_indices_are_aligned_as_transformers_or_rejected_with_value_error(out_indices):
-    try:
-        expected = transformers_alignment(out_indices=out_indices)
-    except (ValueError, IndexError):  # transformers lets some bad indices through to an IndexError
-        with pytest.raises(ValueError, match="stage_names"):
-            align_out_features(ALL_STAGES, None, out_indices)
-    else:
-        assert align_out_features(ALL_STAGES, None, out_indices) == expected
+# Property tests, in the full suite: hypothesis is imported inside them, as collecting it costs each test
+# process 2 s.
+@pytest.mark.slow
+def test_arbitrary_indices_are_aligned_as_transformers_or_rejected_with_value_error():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(st.lists(st.integers(-8, 8), max_size=6))
+    def check(out_indices: list[int]) -> None:
+        try:
+            expected = transformers_alignment(out_indices=out_indices)
+        except (ValueError, IndexError):  # transformers lets some bad indices through to an IndexError
+            with pytest.raises(ValueError, match="stage_names"):
+                align_out_features(ALL_STAGES, None, out_indices)
+        else:
+            assert align_out_features(ALL_STAGES, None, out_indices) == expected
+
+    check()
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from([*ALL_STAGES, "stage5", "Stage1", "layer1"]), max_size=6))
-def test_arbitrary_names_are_aligned_as_transformers_or_rejected_with_value_error(out_features):
-    try:
-        expected = transformers_alignment(out_features=out_features)
-    except ValueError:
-        with pytest.raises(ValueError, match="stage_names"):
-            align_out_features(ALL_STAGES, out_features, None)
-    else:
-        assert align_out_features(ALL_STAGES, out_features, None) == expected
+@pytest.mark.slow
+def test_arbitrary_names_are_aligned_as_transformers_or_rejected_with_value_error():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(st.lists(st.sampled_from([*ALL_STAGES, "stage5", "Stage1", "layer1"]), max_size=6))
+    def check(out_features: list[str]) -> None:
+        try:
+            expected = transformers_alignment(out_features=out_features)
+        except ValueError:
+            with pytest.raises(ValueError, match="stage_names"):
+                align_out_features(ALL_STAGES, out_features, None)
+        else:
+            assert align_out_features(ALL_STAGES, out_features, None) == expected
+
+    check()
 
 
 def test_nothing_selected_means_the_last_stage():

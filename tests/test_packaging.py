@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 PROBE = """
@@ -46,6 +48,7 @@ def _probe(cwd: Path, extra_path: Path | None = None) -> tuple[Path, str]:
     return Path(adapters_file), top_level_origin
 
 
+@pytest.mark.slow
 def test_installed_package_imports_adapters_under_resnet_backbone(tmp_path):
     """Whatever the install (the README's is editable), adapters/ is reached as resnet_backbone.adapters."""
     adapters_file, top_level_origin = _probe(tmp_path)
@@ -54,6 +57,7 @@ def test_installed_package_imports_adapters_under_resnet_backbone(tmp_path):
     assert top_level_origin == "None" or not top_level_origin.startswith(str(REPOSITORY))
 
 
+@pytest.mark.slow
 def test_a_regular_install_ships_adapters_inside_resnet_backbone(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(

@@ -26,6 +26,7 @@ def _losses(directory) -> list[float]:
     return [json.loads(line)["loss"] for line in (directory / "losses.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_loss_curve_exactly(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert main(["train", *TINY_RUN, "--steps", "6", "--output-dir", str(straight)]) == 0
@@ -45,6 +46,7 @@ def test_resume_without_a_checkpoint_and_sync_bn_on_cpu_are_clear_errors(tmp_pat
     assert "torch has no CPU implementation" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ddp_under_torchrun_keeps_both_ranks_identical(tmp_path):
     command = [
         shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "resnet_backbone.cli", "train", *TINY_RUN,
@@ -97,6 +99,7 @@ def test_contradictory_norm_settings_warn():
         ResNetConfig(norm_layer="sync_batch")
 
 
+@pytest.mark.slow
 def test_the_module_entry_point_runs_as_a_script(tmp_path):
     command = [
         sys.executable,
@@ -114,6 +117,7 @@ def test_the_module_entry_point_runs_as_a_script(tmp_path):
     assert "training 1 steps on 1 process(es)" in result.stdout and torch.load(tmp_path / "checkpoint.pt")["step"] == 1
 
 
+@pytest.mark.slow
 def test_segmentation_trains_an_smp_model_whose_encoder_starts_from_given_weights(tmp_path):
     start = ResNetBackbone.from_preset("resnet18")
     start.save_pretrained(tmp_path / "start")

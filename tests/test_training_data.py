@@ -213,6 +213,7 @@ class _Oracle(nn.Module):
         return [{"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"]))}]
 
 
+@pytest.mark.slow
 def test_detection_metrics_follow_the_coco_protocol_for_crowd_regions(folders):
     coco, _ = folders
     dataset = CocoFolder(coco, keep_crowd=True)
@@ -239,6 +240,7 @@ class _SegmentationOracle(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="nearest")
 
 
+@pytest.mark.slow
 def test_segmentation_metrics_ignore_255_and_report_every_class(folders):
     _, semantic = folders
     dataset = MaskFolder(semantic)

@@ -23,6 +23,7 @@ from helpers import (
     place_in_hub_cache,
     randomize_norms,
     run_python,
+    slow_param,
 )
 from safetensors.torch import save_file
 
@@ -49,7 +50,9 @@ def test_from_pretrained_reads_a_transformers_classifier_checkpoint_into_a_backb
             assert max_abs_diff(mine, reference) <= 1e-5
 
 
-@pytest.mark.parametrize("prefix", ["module.", "backbone.", "backbone.body.", "model.", "module.backbone.body."])
+@pytest.mark.parametrize(
+    "prefix", ["module.backbone.body.", *map(slow_param, ["module.", "backbone.", "backbone.body.", "model."])]
+)
 def test_wrapper_prefixes_and_containers_are_unwrapped(prefix, tmp_path, images):
     peer = randomize_norms(torchvision.models.resnet18().eval())
     wrapped = {"epoch": 3, "state_dict": {prefix + key: value for key, value in peer.state_dict().items()}}
@@ -193,6 +196,7 @@ model.save_pretrained(sys.argv[1])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interruption", ["killed", "error"])
 def test_an_interrupted_save_keeps_the_previous_checkpoint_whole(interruption, tmp_path, images):
     previous = randomize_norms(ResNetModel(**TINY_BOTTLENECK).eval())
@@ -216,6 +220,7 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint_whole(interruption, t
 # ---------------------------------------------------------------- downloads, offline
 
 
+@pytest.mark.slow
 def test_a_hub_repo_id_loads_through_the_hub_cache_with_hf_hub_offline(tmp_path, images):
     theirs = small_transformers_classifier(seed=2)
     theirs.save_pretrained(tmp_path / "saved")
@@ -252,6 +257,7 @@ def test_hub_options_are_passed_through(tmp_path):
         ResNetModel.from_pretrained("nobody/nothing", cache_dir=tmp_path / "cache", local_files_only=True)
 
 
+@pytest.mark.slow
 def test_a_torchvision_weights_enum_loads_through_torchvision_and_torch_home(tmp_path, monkeypatch, images):
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
     peer = randomize_norms(torchvision.models.resnet50().eval())
@@ -266,6 +272,7 @@ def test_a_torchvision_weights_enum_loads_through_torchvision_and_torch_home(tmp
             assert max_abs_diff(model(images).logits, peer(images)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_a_timm_pretrained_tag_loads_through_timm_and_the_hub_cache(tmp_path, images):
     import timm
 

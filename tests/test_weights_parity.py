@@ -10,7 +10,7 @@ import timm
 import torch
 import torchvision
 import transformers
-from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
+from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms, slow_param
 from torchvision.models._utils import IntermediateLayerGetter
 
 from resnet_backbone import PRESETS, ResNetBackbone, ResNetConfig, ResNetForImageClassification, ResNetModel
@@ -24,7 +24,7 @@ def torchvision_features(model: torch.nn.Module) -> IntermediateLayerGetter:
     return IntermediateLayerGetter(model, TORCHVISION_LAYERS).eval()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+@pytest.mark.parametrize("name", ["resnet18", *map(slow_param, ["resnet50", "resnext50_32x4d", "wide_resnet50_2"])])
 def test_torchvision_weights_give_identical_features(name, images):
     peer = randomize_norms(getattr(torchvision.models, name)().eval())
     with pytest.warns(UserWarning, match="Dropped the checkpoint's classifier"):
@@ -40,6 +40,7 @@ def test_torchvision_weights_give_identical_features(name, images):
         assert max_abs_diff(mine, reference) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "resnet50d"])
 def test_timm_weights_give_identical_features(name, images):
     peer = randomize_norms(timm.create_model(name).eval())
@@ -77,7 +78,7 @@ def test_the_architecture_of_a_transformers_checkpoint_is_inferred():
 # ---------------------------------------------------------------- export back
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
+@pytest.mark.parametrize("name", ["resnet18", slow_param("resnext50_32x4d")])
 def test_torchvision_loads_our_export_strictly_and_agrees(name, images):
     ours = randomize_norms(ResNetForImageClassification.from_preset(name, num_labels=10).eval())
     peer = getattr(torchvision.models, name)(num_classes=10).eval()
@@ -91,6 +92,7 @@ def test_torchvision_loads_our_export_strictly_and_agrees(name, images):
             assert max_abs_diff(mine, reference) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50d", "resnet18"])
 def test_timm_loads_our_export_strictly_and_agrees(name, images):
     ours = randomize_norms(ResNetModel.from_preset(name).eval())
