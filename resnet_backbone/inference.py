@@ -18,11 +18,12 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_map
 
-from .blocks import ShortCut
-from .layers import ConvLayer, FrozenBatchNorm2d
+from .layers import FrozenBatchNorm2d
 from .trunk import ResNetPreTrainedModel
 
 # Norms that are a per-channel affine map in eval mode; GroupNorm depends on each input, so it stays.
+# torchvision's own FrozenBatchNorm2d is one too: the core does not import torchvision, so _is_foldable_norm
+# recognises it by its name and buffers.
 FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Accuracy against the unoptimised model: max abs difference as a fraction of the feature scale.
@@ -164,21 +165,17 @@ def compile_for_inference(model: nn.Module) -> None:
 
 
 def _fold_batch_norms(model: nn.Module) -> None:
-    """Replace each conv-norm pair by one convolution with the norm's scale and shift in its weights: this
-    project's conv layers, and a convolution directly followed by a norm in any ``nn.Sequential`` (the
-    conv-norm-activation blocks of torchvision's heads and of segmentation_models_pytorch's decoders)."""
-    for module in list(model.modules()):
-        if isinstance(module, (ConvLayer, ShortCut)) and isinstance(module.normalization, FOLDABLE_NORMS):
-            module.convolution = fuse_conv_bn_eval(module.convolution, module.normalization)
-            module.normalization = nn.Identity()
-        elif isinstance(module, nn.Sequential):
-            names = list(module._modules)
-            for name, next_name in zip(names, names[1:]):
-                convolution, norm = module._modules[name], module._modules[next_name]
-                if isinstance(convolution, nn.Conv2d) and isinstance(norm, FOLDABLE_NORMS):
-                    module._modules[name] = fuse_conv_bn_eval(convolution, norm)
-                    module._modules[next_name] = nn.Identity()
-    unfolded = [name for name, module in model.named_modules() if isinstance(module, FOLDABLE_NORMS)]
+    """Replace each conv-norm pair by one convolution with the norm's scale and shift in its weights, wherever
+    the pair sits: in this project's layers, torchvision's and timm's blocks (``conv1`` then ``bn1``), any
+    ``nn.Sequential``. A pair is folded only where tracing its parent's ``forward`` shows that the norm reads
+    the convolution's output and nothing else does; a parent that cannot be traced folds nothing itself
+    (its children are still visited)."""
+    for parent in list(model.modules()):
+        for convolution_name, norm_name in _conv_norm_pairs(parent):
+            convolution, norm = parent.get_submodule(convolution_name), parent.get_submodule(norm_name)
+            _replace(parent, convolution_name, fuse_conv_bn_eval(convolution, norm))
+            _replace(parent, norm_name, nn.Identity())
+    unfolded = [name for name, module in model.named_modules() if _is_foldable_norm(module)]
     if unfolded:
         warnings.warn(
             f"optimize_for_inference left {len(unfolded)} norm(s) of {type(model).__name__} unfolded (no "
@@ -186,6 +183,53 @@ def _fold_batch_norms(model: nn.Module) -> None:
             "They run as before.",
             stacklevel=3,
         )
+
+
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    """Traces one module's own ``forward``, calling its submodules without looking inside them."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return True
+
+
+def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    """(convolution, norm) submodule names of ``parent`` where its ``forward`` feeds the convolution's output
+    to the norm alone, each called once."""
+    if not any(_is_foldable_norm(child) for child in parent.children()):
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _ChildrenAsLeaves().trace(parent)
+    except Exception:  # noqa: BLE001  (data-dependent control flow, or anything else tracing cannot follow)
+        return []
+    calls = [node for node in graph.nodes if node.op == "call_module"]
+    called_once = {target for target in (node.target for node in calls) if sum(n.target == target for n in calls) == 1}
+    pairs = []
+    for node in calls:
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and {source.target, node.target} <= called_once
+            and len(source.users) == 1
+            and isinstance(parent.get_submodule(source.target), nn.Conv2d)
+            and _is_foldable_norm(parent.get_submodule(node.target))
+        ):
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def _replace(parent: nn.Module, name: str, module: nn.Module) -> None:
+    owner_name, _, attribute = name.rpartition(".")
+    setattr(parent.get_submodule(owner_name), attribute, module)
+
+
+def _is_foldable_norm(module: nn.Module) -> bool:
+    if isinstance(module, FOLDABLE_NORMS):
+        return True
+    statistics = ("weight", "bias", "running_mean", "running_var", "eps")
+    return type(module).__name__ == "FrozenBatchNorm2d" and all(hasattr(module, name) for name in statistics)
 
 
 def _submodule(model: nn.Module, name: str) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import GROUP_NORM_GROUPS
@@ -11,10 +10,10 @@ from .config import GROUP_NORM_GROUPS
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters (all buffers): torchvision's ``FrozenBatchNorm2d``,
-    with its state-dict keys (a checkpoint's ``num_batches_tracked`` is ignored on load).
-
-    It is computed by the BatchNorm kernel in inference mode, so it is bit-for-bit ``nn.BatchNorm2d`` in eval
-    mode and keeps the input's dtype (bf16/fp16 in, bf16/fp16 out), which torchvision's version does not.
+    with its state-dict keys (a checkpoint's ``num_batches_tracked`` is ignored on load) and its arithmetic,
+    bit for bit: ``x * scale + shift``. Unlike the BatchNorm kernel, that multiply-add keeps no copy of its
+    input for the backward pass, which is what fine-tuning a frozen-norm detector spends its memory on.
+    Unlike torchvision's, it keeps the input's dtype (bf16/fp16 in, bf16/fp16 out).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
@@ -30,7 +29,9 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale.to(x.dtype) + shift.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

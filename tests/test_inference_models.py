@@ -13,6 +13,7 @@ from helpers import TINY_BOTTLENECK, max_abs_diff, randomize_norms
 from torch import nn
 from torchvision.models import detection
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as torchvision_resnet_fpn_backbone
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import resnet_backbone.adapters.timm  # noqa: F401  (registers the tu-rb_ encoders with timm)
@@ -70,7 +71,8 @@ def relative_diff(reference: torch.Tensor, actual: torch.Tensor) -> float:
 
 def assert_folded_and_channels_last(model: nn.Module) -> None:
     for name, part in dense_parts(model).items():
-        assert not any(isinstance(module, FOLDABLE_NORMS) for module in part.modules()), name
+        norms = (*FOLDABLE_NORMS, TorchvisionFrozenBatchNorm2d)
+        assert not any(isinstance(module, norms) for module in part.modules()), name
         for parameter in part.parameters():
             if parameter.ndim == 4:
                 assert parameter.is_contiguous(memory_format=torch.channels_last), name
@@ -84,6 +86,21 @@ def test_optimized_detector_gives_the_detections_of_torchvisions_own_model(kind)
     ours = build_detector(kind, "resnet18", num_classes=5, **SMALL_DETECTION, **DETECTORS[kind][3]).eval()
     load_torchvision_weights(ours, theirs)
     optimized = optimize_for_inference(ours)
+    assert_folded_and_channels_last(optimized)
+    with torch.no_grad():
+        expected, actual = theirs(detection_images()), optimized(detection_images())
+    for mine, reference in zip(actual, expected, strict=True):
+        assert_same_detections(mine, reference)
+
+
+@pytest.mark.slow
+def test_torchvisions_own_detector_is_optimised_with_its_frozen_norms_folded():
+    """torchvision's model as it comes (its ResNet with torchvision's FrozenBatchNorm2d), no weights moved."""
+    theirs = torchvision_detector("fasterrcnn")
+    assert any(isinstance(module, TorchvisionFrozenBatchNorm2d) for module in theirs.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every norm follows a convolution: nothing to warn about
+        optimized = optimize_for_inference(theirs)
     assert_folded_and_channels_last(optimized)
     with torch.no_grad():
         expected, actual = theirs(detection_images()), optimized(detection_images())
