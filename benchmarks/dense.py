@@ -28,7 +28,6 @@ import resnet_backbone.adapters.timm  # noqa: F401  (registers the tu-rb_ encode
 from resnet_backbone import (
     ResNetBackbone,
     compile_for_training,
-    computes_bf16_natively,
     dense_parts,
     optimize_for_inference,
 )
@@ -38,14 +37,15 @@ from resnet_backbone.adapters.torchvision import (
     detection_loss,
     load_torchvision_weights,
 )
-from resnet_backbone.inference import FLOAT32_TOLERANCE, LOW_PRECISION_TOLERANCE, compile_for_inference
+from resnet_backbone.inference import compile_for_inference
 from resnet_backbone.weights import to_canonical
 
 from .counters import count_flops, peak_memory_bytes
 from .machine import matmul_runs
+from .modes import tolerance_for, why_not_run
 from .results import WorkloadResult
 from .timing import time_interleaved
-from .workloads import case_result
+from .workloads import case_results
 
 TASKS = ("detection", "segmentation", "finetune")
 OURS = "resnet_backbone"
@@ -166,16 +166,9 @@ def cases_for(workload: DenseWorkload, peer: str, compile: bool, device: torch.d
         cases = [(library, mode) for library in (peer, OURS) for mode in FINETUNE_MODES]
     else:
         cases = [(peer, mode) for mode in PEER_INFERENCE_MODES] + [(OURS, mode) for mode in OUR_INFERENCE_MODES]
-    skipped = {}
-    for library, mode in list(cases):
-        if mode.dtype == torch.bfloat16 and not computes_bf16_natively(device):
-            skipped[f"{library} {mode.name}"] = f"this {device.type} has no native bf16 (slower than float32 here)"
-        elif mode.compile and not compile:
-            skipped[f"{library} {mode.name}"] = "compiled modes not run (--no-compile or --smoke)"
-        else:
-            continue
-        cases.remove((library, mode))
-    return cases, skipped
+    reasons = {case: why_not_run(case[1].dtype, case[1].compile, compile=compile, device=device) for case in cases}
+    skipped = {f"{library} {mode.name}": why for (library, mode), why in reasons.items() if why is not None}
+    return [case for case in cases if reasons[case] is None], skipped
 
 
 def prepare(
@@ -249,9 +242,8 @@ def run_dense_workload(
         output = run()
         first_call_s[library, mode] = time.perf_counter() - started
         reference = output if reference is None else reference
-        tolerance = FLOAT32_TOLERANCE if mode.dtype == torch.float32 else LOW_PRECISION_TOLERANCE
         differences[library, mode] = checked_difference(
-            reference, output, tolerance, f"{workload.label}, {library} {mode.name}"
+            reference, output, tolerance_for(mode.dtype), f"{workload.label}, {library} {mode.name}"
         )
         runs[library, mode] = run
         progress.update()
@@ -261,18 +253,11 @@ def run_dense_workload(
     reference_case = cases[0]
     flops, _ = count_flops(runs[reference_case])
     training = workload.task == "finetune"
-    memory = {key: _peak_memory_or_none(run) for key, run in runs.items()} if training else {}
+    memory = {key: peak_memory_bytes(run) for key, run in runs.items()} if training else {}
     fastest = min((case for case in timings if case[0] == OURS), key=lambda case: timings[case].median)
     split = time_parts(prepared[fastest], runs[fastest])
     torch._dynamo.reset()
-    results = [
-        case_result(
-            library, mode.name, mode.dtype, timing, timings[reference_case].median, workload.batch, flops, peaks,
-            first_call_s=first_call_s[library, mode], difference=differences[library, mode],
-            tolerance=_tolerance(mode), memory_bytes=memory.get((library, mode)),
-        )
-        for (library, mode), timing in timings.items()
-    ]  # fmt: skip
+    results = case_results(timings, reference_case, workload.batch, flops, peaks, first_call_s, differences, memory)
     return WorkloadResult(
         label=workload.label,
         kind=workload.task,
@@ -287,19 +272,6 @@ def run_dense_workload(
         skipped=skipped,
         part_split_ms={"mode": f"{fastest[0]} {fastest[1].name}", **split},
     )
-
-
-def _tolerance(mode: DenseMode) -> float:
-    return FLOAT32_TOLERANCE if mode.dtype == torch.float32 else LOW_PRECISION_TOLERANCE
-
-
-def _peak_memory_or_none(run: Callable[[], Any]) -> int | None:
-    """torch's MemTracker cannot follow a model with frozen parameters (it hooks every parameter's gradient):
-    then there is no figure."""
-    try:
-        return peak_memory_bytes(run)
-    except RuntimeError:
-        return None
 
 
 class _Timed(nn.Module):

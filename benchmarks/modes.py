@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnet_backbone import optimize_for_inference
+from resnet_backbone import computes_bf16_natively, optimize_for_inference
 from resnet_backbone.inference import FLOAT32_TOLERANCE, LOW_PRECISION_TOLERANCE
 
 from .peers import feature_maps
@@ -31,8 +31,21 @@ class Mode:
 
     @property
     def tolerance(self) -> float:
-        """Max abs difference from the float32 reference, as a fraction of the feature scale."""
-        return FLOAT32_TOLERANCE if self.dtype == torch.float32 else LOW_PRECISION_TOLERANCE
+        return tolerance_for(self.dtype)
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """Max abs difference from the float32 reference, as a fraction of the output's scale."""
+    return FLOAT32_TOLERANCE if dtype == torch.float32 else LOW_PRECISION_TOLERANCE
+
+
+def why_not_run(dtype: torch.dtype, compiled: bool, *, compile: bool, device: torch.device) -> str | None:
+    """Why a mode is skipped on this machine (listed in the report), or None when it runs."""
+    if dtype == torch.bfloat16 and not computes_bf16_natively(device):
+        return f"this {device.type} has no native bf16 (slower than float32 here)"
+    if compiled and not compile:
+        return "compiled modes not run (--no-compile or --smoke)"
+    return None
 
 
 EAGER_FP32 = Mode("eager fp32")
@@ -47,6 +60,8 @@ LIBRARY_MODES = (
     Mode("eager bf16 autocast", dtype=torch.bfloat16, autocast=True),
     PEER_COMPILED,
     Mode("compiled frozen bf16 autocast channels_last", **_BEST_PEER_SETTINGS, frozen=True),
+    # The peers' best float32 (the best mode where bf16 is not native).
+    Mode("compiled frozen fp32 channels_last", channels_last=True, compile=True, frozen=True),
 )
 # This project only: optimize_for_inference (channels_last weights), given the same float32 channels_last
 # input as the peers' channels_last modes.

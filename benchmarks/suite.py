@@ -98,7 +98,7 @@ def run_suite(
     settings: Settings, device: torch.device, *, backbone: bool = True, dense: Sequence[DenseWorkload] = ()
 ) -> SuiteResult:
     started = time.perf_counter()
-    workloads = plan(settings) if backbone else []
+    workloads = plan(settings, device) if backbone else []
     timed = settings.warmup + settings.rounds
     calls = sum(len(w.cases) * (1 + timed) + len(PEAK_DTYPES) * timed for w in workloads)
     calls += len(dense) * 8 * (1 + timed)

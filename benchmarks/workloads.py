@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from .counters import count_flops, peak_memory_bytes
 from .machine import matmul_runs
-from .modes import EAGER_FP32, FAST_PATH_MODES, LIBRARY_MODES, TRAINING_FP32, Mode, prepare
+from .modes import EAGER_FP32, FAST_PATH_MODES, LIBRARY_MODES, TRAINING_FP32, Mode, prepare, tolerance_for, why_not_run
 from .peers import LIBRARIES, feature_maps
 from .results import CaseResult, WorkloadResult
 from .timing import Timing, time_interleaved
@@ -42,27 +43,34 @@ class Workload:
     batch: int
     size: int
     cases: tuple[tuple[str, Mode], ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # ("library mode", why it does not run here)
 
     @property
     def label(self) -> str:
         return f"{self.architecture} {self.kind} {self.batch}x3x{self.size}x{self.size}"
 
 
-def plan(settings: Settings) -> list[Workload]:
+def plan(settings: Settings, device: torch.device) -> list[Workload]:
     """Inference with every library and mode (the compiled ones at the first shape only: each costs about
     ten seconds of compiling per model and shape on two cores); a training step per library; the sweep with
-    every library eager and the fast path uncompiled."""
-    inference = [(library, mode) for mode in LIBRARY_MODES for library in LIBRARIES]
-    inference += [("resnet_backbone", mode) for mode in FAST_PATH_MODES]
+    every library eager and the fast path uncompiled. bf16 runs only where ``device`` computes it natively."""
+    every_case = [(library, mode) for mode in LIBRARY_MODES for library in LIBRARIES]
+    every_case += [("resnet_backbone", mode) for mode in FAST_PATH_MODES]
+    reasons = {
+        case: why_not_run(case[1].dtype, case[1].compile, compile=settings.compile, device=device)
+        for case in every_case
+    }
+    inference = [case for case in every_case if reasons[case] is None]
+    skipped = tuple((f"{library} {mode.name}", why) for (library, mode), why in reasons.items() if why is not None)
     uncompiled = tuple(case for case in inference if not case[1].compile)
     sweep = tuple((library, EAGER_FP32) for library in LIBRARIES)
-    sweep += tuple(("resnet_backbone", mode) for mode in FAST_PATH_MODES if not mode.compile)
+    sweep += tuple(("resnet_backbone", mode) for library, mode in uncompiled if mode.fast_path)
     training = tuple((library, TRAINING_FP32) for library in LIBRARIES)
     (first_batch, first_size), *other_shapes = settings.inference_shapes
     workloads = []
     for architecture in settings.architectures:
         first_cases = tuple(inference) if settings.compile else uncompiled
-        workloads.append(Workload("inference", architecture, first_batch, first_size, first_cases))
+        workloads.append(Workload("inference", architecture, first_batch, first_size, first_cases, skipped))
         workloads += [Workload("inference", architecture, *shape, uncompiled) for shape in other_shapes]
         workloads.append(Workload("training", architecture, *settings.training_shape, training))
         workloads += [Workload("sweep", architecture, 1, size, sweep) for size in settings.sweep_sizes]
@@ -104,14 +112,7 @@ def run_workload(
     flops, _ = count_flops(runs[reference])
     memory = {key: peak_memory_bytes(run) for key, run in runs.items()} if workload.kind == "training" else {}
     torch._dynamo.reset()  # frees the compiled graphs, and their recompilation budget, for the next workload
-    cases = [
-        case_result(
-            library, mode.name, mode.dtype, timing, timings[reference].median, workload.batch, flops, peaks,
-            first_call_s=first_call_s[library, mode], difference=differences[library, mode],
-            tolerance=mode.tolerance, memory_bytes=memory.get((library, mode)),
-        )
-        for (library, mode), timing in timings.items()
-    ]  # fmt: skip
+    cases = case_results(timings, reference, workload.batch, flops, peaks, first_call_s, differences, memory)
     return WorkloadResult(
         label=workload.label,
         kind=workload.kind,
@@ -123,10 +124,32 @@ def run_workload(
         reference=f"{reference[0]} {reference[1].name}",
         outputs_checked=True,
         cases=cases,
+        skipped=dict(workload.skipped),
     )
 
 
-def case_result(
+def case_results(
+    timings: dict[tuple[str, Any], Timing],
+    reference: tuple[str, Any],
+    batch: int,
+    flops: int,
+    peaks: dict[str, float],
+    first_call_s: dict[tuple[str, Any], float],
+    differences: dict[tuple[str, Any], float],
+    memory_bytes: dict[tuple[str, Any], int | None],
+) -> list[CaseResult]:
+    """Every timed (library, mode) case's figures, in timing order; a mode has a ``name`` and a ``dtype``."""
+    return [
+        _case_result(
+            library, mode.name, mode.dtype, timing, timings[reference].median, batch, flops, peaks,
+            first_call_s=first_call_s[library, mode], difference=differences[library, mode],
+            tolerance=tolerance_for(mode.dtype), memory_bytes=memory_bytes.get((library, mode)),
+        )
+        for (library, mode), timing in timings.items()
+    ]  # fmt: skip
+
+
+def _case_result(
     library: str,
     mode: str,
     dtype: torch.dtype,
