@@ -131,7 +131,8 @@ def test_feature_info_matches_a_real_forward():
         assert output.shape[1:] == (channels, math.ceil(height / reduction), math.ceil(width / reduction))
 
 
-@pytest.mark.parametrize("out_indices", [(-3, -1), *map(slow_param, [(1, 2, 3, 4), (0, 2), (4,), 2])])
+@pytest.mark.slow
+@pytest.mark.parametrize("out_indices", [(1, 2, 3, 4), (0, 2), (4,), 2, (-3, -1)])
 def test_out_indices_select_what_timm_selects(out_indices, timm_file, images):
     path = timm_file("resnet18")
     ours = from_file("rb_resnet18", path, features_only=True, out_indices=out_indices)

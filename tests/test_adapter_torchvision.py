@@ -38,10 +38,12 @@ def test_fpn_backbone_outputs_what_torchvisions_gives():
         assert shapes[name] == (feature.shape[1], images.shape[-1] // feature.shape[-1])
 
 
-@pytest.mark.parametrize("trainable_layers", [3, *map(slow_param, [0, 1, 2, 4, 5])])
-def test_trainable_layers_freeze_what_torchvision_freezes(trainable_layers):
-    ours = resnet_fpn_backbone("resnet50", norm_layer="frozen_batch", trainable_layers=trainable_layers)
-    theirs = torchvision_resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=trainable_layers)
+@pytest.mark.parametrize(
+    ("name", "trainable_layers"), [("resnet18", 3), *(slow_param("resnet50", layers) for layers in range(6))]
+)
+def test_trainable_layers_freeze_what_torchvision_freezes(name, trainable_layers):
+    ours = resnet_fpn_backbone(name, norm_layer="frozen_batch", trainable_layers=trainable_layers)
+    theirs = torchvision_resnet_fpn_backbone(backbone_name=name, weights=None, trainable_layers=trainable_layers)
 
     def trainable(model):
         return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and name.startswith("body."))

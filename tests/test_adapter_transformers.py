@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import transformers
-from helpers import TINY_BOTTLENECK, max_abs_diff, place_in_hub_cache, randomize_norms, run_python
+from helpers import TINY_BOTTLENECK, max_abs_diff, place_in_hub_cache, randomize_norms, run_python, slow_param
 from torch import nn
 from transformers import (
     AutoBackbone,
@@ -191,7 +191,7 @@ def test_importing_again_registers_nothing_and_warns_nothing(recwarn):
 # ---------------------------------------------------------------- parity with transformers' own ResNet
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("model_name", [name if name in ("detr", "upernet") else slow_param(name) for name in MODELS])
 def test_model_on_our_backbone_equals_model_on_transformers_resnet(model_name):
     """Identical state-dict keys both ways, and identical outputs after loading theirs into ours."""
     out_features = MODELS[model_name][2]
