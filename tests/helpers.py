@@ -22,7 +22,7 @@ TINY_BASIC = dict(layer_type="basic", embedding_size=32, hidden_sizes=[32, 48, 6
 
 def slow_param(*values: object, id: str | None = None) -> object:  # noqa: A002  (pytest.param's name)
     """A parameter that runs in the full suite only, not in the inner loop (``pytest -m "not slow"``): a
-    full-size model (ResNet-50 and up, a whole detector), or more of a grid the inner loop samples."""
+    real-size model (ResNet-18 and up, a whole detector), or more of a grid the inner loop samples."""
     return pytest.param(*values, id=id, marks=pytest.mark.slow)
 
 

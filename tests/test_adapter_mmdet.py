@@ -143,6 +143,7 @@ def test_a_missing_key_is_reported_under_mmdets_name():
     assert '"backbone.layer9.weight"' in str(raised.value) and "trunk" not in str(raised.value)
 
 
+@pytest.mark.slow
 def test_init_cfg_loads_torchvision_weights_from_torch_home(tmp_path, monkeypatch, small_images):
     """``torchvision://resnet18`` as mmdet reads it (mmengine's URL table, torch's hub cache), offline."""
     from mmengine.runner.checkpoint import get_torchvision_models

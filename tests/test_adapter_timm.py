@@ -166,6 +166,7 @@ def test_in_chans_adapts_the_pretrained_first_conv_as_timm_does(name, in_chans, 
 # ---------------------------------------------------------------- pretrained files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "source", ["torchvision file", slow_param("save_pretrained directory"), slow_param("safetensors file")]
 )
@@ -199,6 +200,7 @@ def test_a_model_trained_through_timm_loads_back_into_this_projects_models(tmp_p
         assert max_abs_diff(reloaded(images), trained(images)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     ResNetModel.from_preset("resnet18").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"holds a resnet18, but rb_resnet34 is a resnet34"):

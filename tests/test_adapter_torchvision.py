@@ -52,6 +52,7 @@ def test_trainable_layers_freeze_what_torchvision_freezes(name, trainable_layers
     assert ours.body.backbone.config.freeze_at == 5 - trainable_layers
 
 
+@pytest.mark.slow
 def test_norms_default_to_frozen_when_weights_are_loaded_as_torchvision(tmp_path):
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in resnet_fpn_backbone("resnet18").modules())
     ResNetBackbone.from_preset("resnet18").save_pretrained(tmp_path)

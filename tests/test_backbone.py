@@ -57,6 +57,7 @@ def test_resnet50_state_dict_keys_and_features_equal_transformers(images):
             assert max_abs_diff(mine, reference) <= 1e-5
 
 
+@pytest.mark.slow
 def test_readme_example():
     backbone = ResNetBackbone(out_features=["stage2", "stage4"]).eval()
     out = backbone(torch.randn(1, 3, 224, 320))

@@ -57,7 +57,7 @@ def assert_same_features(reference: BackboneOutput, actual: BackboneOutput, tole
 @pytest.mark.parametrize(
     "fields",
     [
-        slow_param(fields, id=name) if name == "resnet50" else pytest.param(fields, id=name)
+        slow_param(fields, id=name) if name in ("resnet50", "resnet18") else pytest.param(fields, id=name)
         for name, fields in CONFIGS.items()
     ],
 )

@@ -153,6 +153,7 @@ def test_low_precision_runs_the_dense_parts_and_keeps_outputs_float32(images):
     assert relative_diff(expected, actual) <= LOW_PRECISION_TOLERANCE
 
 
+@pytest.mark.slow
 def test_smp_unet_with_a_tu_rb_encoder_gives_the_same_logits(images):
     original = smp.Unet("tu-rb_resnet18", encoder_weights=None, decoder_channels=(64, 32, 16, 16, 16), classes=3)
     original = randomize_norms(original).eval()

@@ -23,7 +23,6 @@ from helpers import (
     place_in_hub_cache,
     randomize_norms,
     run_python,
-    slow_param,
 )
 from safetensors.torch import save_file
 
@@ -36,6 +35,7 @@ def small_transformers_classifier(seed: int = 0) -> transformers.ResNetForImageC
     return randomize_norms(transformers.ResNetForImageClassification(config).eval(), seed=seed)
 
 
+@pytest.mark.slow
 def test_from_pretrained_reads_a_transformers_classifier_checkpoint_into_a_backbone(tmp_path, images):
     theirs = small_transformers_classifier()
     theirs.save_pretrained(tmp_path)
@@ -50,9 +50,8 @@ def test_from_pretrained_reads_a_transformers_classifier_checkpoint_into_a_backb
             assert max_abs_diff(mine, reference) <= 1e-5
 
 
-@pytest.mark.parametrize(
-    "prefix", ["module.backbone.body.", *map(slow_param, ["module.", "backbone.", "backbone.body.", "model."])]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("prefix", ["module.", "backbone.", "backbone.body.", "model.", "module.backbone.body."])
 def test_wrapper_prefixes_and_containers_are_unwrapped(prefix, tmp_path, images):
     peer = randomize_norms(torchvision.models.resnet18().eval())
     wrapped = {"epoch": 3, "state_dict": {prefix + key: value for key, value in peer.state_dict().items()}}
@@ -64,6 +63,7 @@ def test_wrapper_prefixes_and_containers_are_unwrapped(prefix, tmp_path, images)
             peer.maxpool(peer.relu(peer.bn1(peer.conv1(images))))))))) <= 1e-5  # fmt: skip
 
 
+@pytest.mark.slow
 def test_strict_load_lists_every_problem_with_the_likely_cause_and_loads_nothing():
     model = ResNetBackbone.from_preset("resnet50", out_features=ALL_STAGES)
     before = {key: value.clone() for key, value in model.state_dict().items()}
@@ -76,6 +76,7 @@ def test_strict_load_lists_every_problem_with_the_likely_cause_and_loads_nothing
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_unexpected_keys_are_listed_and_strict_false_loads_what_fits_with_a_report():
     state_dict = dict(torchvision.models.resnet18().state_dict(), **{"layer1.0.extra.weight": torch.zeros(1)})
     with pytest.raises(CheckpointMismatchError, match="unexpected in the checkpoint: .*layer1.0.extra.weight"):
@@ -90,6 +91,7 @@ def test_unexpected_keys_are_listed_and_strict_false_loads_what_fits_with_a_repo
     assert torch.equal(model.classifier[1].weight, classifier_before)
 
 
+@pytest.mark.slow
 def test_a_classifier_with_another_label_count_says_how_to_fix_it():
     with pytest.raises(CheckpointMismatchError, match="classifier has 1000 labels and the config 10"):
         ResNetForImageClassification.from_torchvision(torchvision.models.resnet18(), num_labels=10)
@@ -108,6 +110,7 @@ def test_frozen_norms_take_statistics_and_eps_from_the_checkpoint(images):
         assert torch.equal(ours(images).feature_maps[0], expected)  # torchvision's arithmetic, bit for bit
 
 
+@pytest.mark.slow
 def test_a_batch_norm_checkpoint_loads_strictly_into_frozen_norms_and_matches_eval_mode(images):
     peer = randomize_norms(torchvision.models.resnet18().eval())
     with pytest.warns(UserWarning, match="classifier"):

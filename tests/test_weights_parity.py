@@ -54,6 +54,7 @@ def test_timm_weights_give_identical_features(name, images):
             assert max_abs_diff(mine, reference) <= 1e-5
 
 
+@pytest.mark.slow
 def test_timm_resnet18_family_and_classifier_logits(images):
     peer = randomize_norms(timm.create_model("resnet18", num_classes=7).eval())
     classifier = ResNetForImageClassification.from_timm(peer).eval()
@@ -78,6 +79,7 @@ def test_the_architecture_of_a_transformers_checkpoint_is_inferred():
 # ---------------------------------------------------------------- export back
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", slow_param("resnext50_32x4d")])
 def test_torchvision_loads_our_export_strictly_and_agrees(name, images):
     ours = randomize_norms(ResNetForImageClassification.from_preset(name, num_labels=10).eval())
@@ -102,6 +104,7 @@ def test_timm_loads_our_export_strictly_and_agrees(name, images):
         assert max_abs_diff(ours(images).pooler_output.flatten(1), peer(images)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_frozen_norms_export_with_the_keys_batch_norm_expects():
     frozen = ResNetBackbone.from_preset("resnet18", norm_layer="frozen_batch")
     torchvision_features(torchvision.models.resnet18()).load_state_dict(frozen.to_torchvision_state_dict())
@@ -111,9 +114,9 @@ def test_frozen_norms_export_with_the_keys_batch_norm_expects():
     ("overrides", "library", "message"),
     [
         (dict(stem_type="deep"), "torchvision", "deep stem"),
-        (dict(downsample_in_bottleneck=True), "timm", "downsample_in_bottleneck"),
-        (dict(hidden_act="gelu"), "torchvision", "hidden_act"),
-        (TINY_BOTTLENECK, "torchvision", "hidden_sizes"),
+        slow_param(dict(downsample_in_bottleneck=True), "timm", "downsample_in_bottleneck"),
+        slow_param(dict(hidden_act="gelu"), "torchvision", "hidden_act"),
+        slow_param(TINY_BOTTLENECK, "torchvision", "hidden_sizes"),
     ],
 )
 def test_export_refuses_what_the_peer_cannot_represent(overrides, library, message):
