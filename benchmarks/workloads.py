@@ -64,7 +64,7 @@ def plan(settings: Settings, device: torch.device) -> list[Workload]:
     skipped = tuple((f"{library} {mode.name}", why) for (library, mode), why in reasons.items() if why is not None)
     uncompiled = tuple(case for case in inference if not case[1].compile)
     sweep = tuple((library, EAGER_FP32) for library in LIBRARIES)
-    sweep += tuple(("resnet_backbone", mode) for library, mode in uncompiled if mode.fast_path)
+    sweep += tuple(case for case in uncompiled if case[1].fast_path)
     training = tuple((library, TRAINING_FP32) for library in LIBRARIES)
     (first_batch, first_size), *other_shapes = settings.inference_shapes
     workloads = []
@@ -138,51 +138,32 @@ def case_results(
     differences: dict[tuple[str, Any], float],
     memory_bytes: dict[tuple[str, Any], int | None],
 ) -> list[CaseResult]:
-    """Every timed (library, mode) case's figures, in timing order; a mode has a ``name`` and a ``dtype``."""
-    return [
-        _case_result(
-            library, mode.name, mode.dtype, timing, timings[reference].median, batch, flops, peaks,
-            first_call_s=first_call_s[library, mode], difference=differences[library, mode],
-            tolerance=tolerance_for(mode.dtype), memory_bytes=memory_bytes.get((library, mode)),
+    """Every timed (library, mode) case's figures, in timing order (a mode has a ``name`` and a ``dtype``):
+    throughput, speedup over the reference, efficiency against the matmul peak of its dtype measured in the
+    same rounds."""
+    results = []
+    for (library, mode), timing in timings.items():
+        dtype = str(mode.dtype).removeprefix("torch.")
+        memory = memory_bytes.get((library, mode))
+        results.append(
+            CaseResult(
+                library=library,
+                mode=mode.name,
+                dtype=dtype,
+                median_ms=timing.median * 1e3,
+                min_ms=timing.min * 1e3,
+                max_ms=timing.max * 1e3,
+                first_call_s=first_call_s[library, mode],
+                images_per_s=batch / timing.median,
+                speedup=timings[reference].median / timing.median,
+                gflops_per_s=flops / timing.median / 1e9,
+                fraction_of_peak=flops / timing.median / 1e9 / peaks[dtype],
+                max_relative_diff=differences[library, mode],
+                tolerance=tolerance_for(mode.dtype),
+                peak_memory_mib=None if memory is None else memory / 2**20,
+            )
         )
-        for (library, mode), timing in timings.items()
-    ]  # fmt: skip
-
-
-def _case_result(
-    library: str,
-    mode: str,
-    dtype: torch.dtype,
-    timing: Timing,
-    reference_median: float,
-    batch: int,
-    flops: int,
-    peaks: dict[str, float],
-    *,
-    first_call_s: float,
-    difference: float,
-    tolerance: float,
-    memory_bytes: int | None,
-) -> CaseResult:
-    """One case's figures from its timing: throughput, speedup over the reference, efficiency against the
-    matmul peak of its dtype measured in the same rounds."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    return CaseResult(
-        library=library,
-        mode=mode,
-        dtype=dtype_name,
-        median_ms=timing.median * 1e3,
-        min_ms=timing.min * 1e3,
-        max_ms=timing.max * 1e3,
-        first_call_s=first_call_s,
-        images_per_s=batch / timing.median,
-        speedup=reference_median / timing.median,
-        gflops_per_s=flops / timing.median / 1e9,
-        fraction_of_peak=flops / timing.median / 1e9 / peaks[dtype_name],
-        max_relative_diff=difference,
-        tolerance=tolerance,
-        peak_memory_mib=None if memory_bytes is None else memory_bytes / 2**20,
-    )
+    return results
 
 
 def _checked_difference(

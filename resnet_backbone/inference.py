@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from functools import partial
 from typing import Any, TypeVar
 
@@ -204,14 +205,14 @@ def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
     except Exception:  # noqa: BLE001  (data-dependent control flow, or anything else tracing cannot follow)
         return []
     calls = [node for node in graph.nodes if node.op == "call_module"]
-    called_once = {target for target in (node.target for node in calls) if sum(n.target == target for n in calls) == 1}
+    times_called = Counter(node.target for node in calls)
     pairs = []
     for node in calls:
         source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         if (
             isinstance(source, torch.fx.Node)
             and source.op == "call_module"
-            and {source.target, node.target} <= called_once
+            and times_called[source.target] == times_called[node.target] == 1
             and len(source.users) == 1
             and isinstance(parent.get_submodule(source.target), nn.Conv2d)
             and _is_foldable_norm(parent.get_submodule(node.target))

@@ -65,6 +65,13 @@ def assert_same_detections(actual: dict[str, torch.Tensor], expected: dict[str, 
         assert max_abs_diff(actual["masks"].sum(0), expected["masks"].sum(0)) <= 1e-3
 
 
+def assert_optimized_detects_as(reference_model: nn.Module, optimized: nn.Module) -> None:
+    with torch.no_grad():
+        expected, actual = reference_model(detection_images()), optimized(detection_images())
+    for mine, reference in zip(actual, expected, strict=True):
+        assert_same_detections(mine, reference)
+
+
 def relative_diff(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return max_abs_diff(reference, actual) / reference.abs().max().item()
 
@@ -87,10 +94,7 @@ def test_optimized_detector_gives_the_detections_of_torchvisions_own_model(kind)
     load_torchvision_weights(ours, theirs)
     optimized = optimize_for_inference(ours)
     assert_folded_and_channels_last(optimized)
-    with torch.no_grad():
-        expected, actual = theirs(detection_images()), optimized(detection_images())
-    for mine, reference in zip(actual, expected, strict=True):
-        assert_same_detections(mine, reference)
+    assert_optimized_detects_as(theirs, optimized)
 
 
 @pytest.mark.slow
@@ -102,10 +106,7 @@ def test_torchvisions_own_detector_is_optimised_with_its_frozen_norms_folded():
         warnings.simplefilter("error")  # every norm follows a convolution: nothing to warn about
         optimized = optimize_for_inference(theirs)
     assert_folded_and_channels_last(optimized)
-    with torch.no_grad():
-        expected, actual = theirs(detection_images()), optimized(detection_images())
-    for mine, reference in zip(actual, expected, strict=True):
-        assert_same_detections(mine, reference)
+    assert_optimized_detects_as(theirs, optimized)
 
 
 def test_detector_dense_parts_are_backbone_fpn_and_heads_and_the_rest_stays_eager():
