@@ -18,6 +18,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision.models import detection, segmentation
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
@@ -222,36 +223,40 @@ def run_dense_workload(
     *,
     compile: bool,
     rounds: int,
-    warmup: int,
     matmul_size: int,
     device: torch.device,
     progress: tqdm,
 ) -> WorkloadResult:
     """Check every case's outputs against the peer's eager float32 model, then time them all interleaved
-    with the matmul peaks; the fastest of ours is then timed part by part."""
+    with the matmul peaks; the fastest of ours is then timed part by part. The checked call is each case's
+    warm-up (a whole model's call takes seconds on a CPU), and the reference's also counts the FLOPs."""
     progress.set_description(workload.label)
     peer, theirs, ours = build_pair(workload)
     models = {peer: theirs.to(device), OURS: ours.to(device)}
     inputs = inputs_for(workload)
     cases, skipped = cases_for(workload, peer, compile, device)
+    reference_case = cases[0]
     runs, prepared, first_call_s, differences = {}, {}, {}, {}
-    reference = None
-    for library, mode in cases:
-        run, prepared[library, mode] = prepare(workload, mode, models[library], inputs)
+    for case in cases:
+        library, mode = case
+        run, prepared[case] = prepare(workload, mode, models[library], inputs)
         started = time.perf_counter()
-        output = run()
-        first_call_s[library, mode] = time.perf_counter() - started
-        reference = output if reference is None else reference
-        differences[library, mode] = checked_difference(
+        if case == reference_case:
+            flops, reference = count_flops(run)
+            output = reference
+        else:
+            output = run()
+        first_call_s[case] = time.perf_counter() - started
+        differences[case] = checked_difference(
             reference, output, tolerance_for(mode.dtype), f"{workload.label}, {library} {mode.name}"
         )
-        runs[library, mode] = run
+        runs[case] = run
         progress.update()
     matmuls = matmul_runs(device, matmul_size)
-    timings = time_interleaved({**runs, **matmuls}, rounds=rounds, warmup=warmup, device=device, progress=progress)
+    for run in matmuls.values():
+        run()
+    timings = time_interleaved({**runs, **matmuls}, rounds=rounds, warmup=0, device=device, progress=progress)
     peaks = {dtype: count_flops(run)[0] / timings.pop(dtype).median / 1e9 for dtype, run in matmuls.items()}
-    reference_case = cases[0]
-    flops, _ = count_flops(runs[reference_case])
     training = workload.task == "finetune"
     memory = {key: peak_memory_bytes(run) for key, run in runs.items()} if training else {}
     fastest = min((case for case in timings if case[0] == OURS), key=lambda case: timings[case].median)
@@ -275,11 +280,12 @@ def run_dense_workload(
 
 
 class _Timed(nn.Module):
-    """Stands in for one part during the split: runs it and adds its seconds to ``spent``."""
+    """Stands in for one part during the split: runs it and adds its seconds to ``spent``; in training it also
+    notes in ``gradients_ready`` when all the gradients of its outputs have arrived: its backward pass starts."""
 
-    def __init__(self, part: nn.Module, spent: dict[str, float], name: str) -> None:
+    def __init__(self, part: nn.Module, spent: dict[str, float], gradients_ready: dict[str, float], name: str) -> None:
         super().__init__()
-        self.part, self.spent, self.name = part, spent, name
+        self.part, self.spent, self.gradients_ready, self.name = part, spent, gradients_ready, name
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -291,26 +297,58 @@ class _Timed(nn.Module):
         started = time.perf_counter()
         output = self.part(*args, **kwargs)
         self.spent[self.name] += time.perf_counter() - started
-        return output
+        leaves, spec = tree_flatten(output)
+        tracked = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+        if tracked:
+            for i, tensor in zip(tracked, _GradientsArrive.apply(self._note, *(leaves[i] for i in tracked))):
+                leaves[i] = tensor
+        return tree_unflatten(leaves, spec)
+
+    def _note(self) -> None:
+        self.gradients_ready[self.name] = time.perf_counter()
+
+
+class _GradientsArrive(torch.autograd.Function):
+    """The identity on a part's outputs, seen only by the part's consumers (not by the part itself, whose
+    later stages may read the same tensors): its backward runs once all their gradients have arrived."""
+
+    @staticmethod
+    def forward(ctx: Any, note: Callable[[], None], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.note = note
+        return tensors
+
+    @staticmethod
+    def backward(ctx: Any, *gradients: torch.Tensor) -> tuple[Any, ...]:
+        ctx.note()
+        return (None, *gradients)
 
 
 def time_parts(model: nn.Module, run: Callable[[], Any]) -> dict[str, float]:
-    """Milliseconds of one call in each dense part, and in the rest (transform, anchors, NMS, RoI heads,
-    post-processing, the loss and, in training, the backward pass)."""
+    """Milliseconds of one call in each dense part; in training also in each part's backward pass (from the
+    arrival of its outputs' gradients to that of the part before it, or the end of the call); and the rest
+    (transform, anchors, NMS, RoI heads, post-processing, the loss and its backward)."""
     parts = {name: part for name, part in dense_parts(model).items() if name}
     spent: dict[str, float] = defaultdict(float)
+    gradients_ready: dict[str, float] = {}
     for name, part in parts.items():
         parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, _Timed(part, spent, name))
+        setattr(model.get_submodule(parent_name), attribute, _Timed(part, spent, gradients_ready, name))
     try:
         started = time.perf_counter()
         run()
-        total = time.perf_counter() - started
+        ended = time.perf_counter()
     finally:
         for name, part in parts.items():
             parent_name, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attribute, part)
-    return {**{name: seconds * 1e3 for name, seconds in spent.items()}, "rest": (total - sum(spent.values())) * 1e3}
+    backward_order = sorted(gradients_ready, key=gradients_ready.get)  # the head first, the backbone last
+    ends = [gradients_ready[name] for name in backward_order[1:]] + [ended]
+    for name, end in zip(backward_order, ends):
+        spent[f"{name} backward"] = end - gradients_ready[name]
+    return {
+        **{name: seconds * 1e3 for name, seconds in spent.items()},
+        "rest": (ended - started - sum(spent.values())) * 1e3,
+    }
 
 
 def checked_difference(reference: Any, actual: Any, tolerance: float, case: str) -> float:

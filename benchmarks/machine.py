@@ -14,6 +14,8 @@ import torch
 import torchvision
 import transformers
 
+from resnet_backbone import computes_bf16_natively
+
 PEAK_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -45,13 +47,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def peak_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes whose matmul peak a run needs: bf16 only where ``device`` computes it natively (elsewhere no
+    bf16 mode runs, and its emulated matmul would cost seconds per workload for nothing)."""
+    return PEAK_DTYPES if computes_bf16_natively(device) else (torch.float32,)
+
+
 def matmul_runs(device: torch.device, size: int) -> dict[str, Callable[[], torch.Tensor]]:
-    """A ``size`` x ``size`` matrix multiply per dtype: the most a convolution can hope for, since the
-    convolution kernels are matrix multiplies underneath. Timed within each workload's rounds, so that the
-    peak and the cases see the machine in the same state."""
+    """A ``size`` x ``size`` matrix multiply per dtype of :func:`peak_dtypes`: the most a convolution can hope
+    for, since the convolution kernels are matrix multiplies underneath. Timed within each workload's rounds,
+    so that the peak and the cases see the machine in the same state."""
     generator = torch.Generator(device).manual_seed(0)
     runs = {}
-    for dtype in PEAK_DTYPES:
+    for dtype in peak_dtypes(device):
         first, second = (torch.randn(size, size, generator=generator, device=device, dtype=dtype) for _ in range(2))
         runs[str(dtype).removeprefix("torch.")] = partial(torch.mm, first, second)
     return runs

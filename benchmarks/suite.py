@@ -12,19 +12,20 @@ import torch
 from tqdm import tqdm
 
 from .dense import DEFAULT_WORKLOADS, TASKS, DenseWorkload, run_dense_workload, smoke_workloads
-from .machine import PEAK_DTYPES, describe_machine
+from .machine import describe_machine, peak_dtypes
 from .peers import ARCHITECTURES, build_peers
 from .plot import write_plot
 from .report import format_report, write_json
 from .results import SuiteResult
 from .targets import evaluate_dense_targets, evaluate_targets
-from .workloads import Settings, plan, run_workload
+from .workloads import Settings, Workload, plan, run_workload
 
 DEFAULT_RUNS = dict(
     inference_shapes=((4, 224), (1, 640)),
     training_shape=(4, 224),
     sweep_sizes=(224, 384, 512, 640, 800, 1024),
     rounds=7,
+    sweep_rounds=3,  # a trend over sizes, eager and the fast path only: 1024 pixels takes seconds per call
     dense_rounds=3,  # a whole detector at 800x1216 takes seconds per call on two cores
     warmup=2,
     matmul_size=2048,
@@ -35,6 +36,7 @@ SMOKE_RUNS = dict(
     training_shape=(2, 32),
     sweep_sizes=(32, 48),
     rounds=1,
+    sweep_rounds=1,
     dense_rounds=1,
     warmup=0,
     matmul_size=128,
@@ -99,19 +101,19 @@ def run_suite(
 ) -> SuiteResult:
     started = time.perf_counter()
     workloads = plan(settings, device) if backbone else []
-    timed = settings.warmup + settings.rounds
-    calls = sum(len(w.cases) * (1 + timed) + len(PEAK_DTYPES) * timed for w in workloads)
-    calls += len(dense) * 8 * (1 + timed)
+    calls = sum((len(w.cases) + len(peak_dtypes(device))) * (1 + sum(_rounds(settings, w))) for w in workloads)
+    calls += len(dense) * 8 * (1 + settings.dense_rounds)
     result = SuiteResult(machine=describe_machine(device), settings=asdict(settings))
     with tqdm(total=calls, unit="call") as progress:
         for architecture in settings.architectures if backbone else ():
             models = {library: model.to(device) for library, model in build_peers(architecture).items()}
             for workload in (w for w in workloads if w.architecture == architecture):
+                rounds, warmup = _rounds(settings, workload)
                 measured = run_workload(
                     workload,
                     models,
-                    rounds=settings.rounds,
-                    warmup=settings.warmup,
+                    rounds=rounds,
+                    warmup=warmup,
                     matmul_size=settings.matmul_size,
                     device=device,
                     progress=progress,
@@ -123,7 +125,6 @@ def run_suite(
                 workload,
                 compile=settings.compile,
                 rounds=settings.dense_rounds,
-                warmup=min(settings.warmup, 1),
                 matmul_size=settings.matmul_size,
                 device=device,
                 progress=progress,
@@ -132,3 +133,10 @@ def run_suite(
             result.targets += evaluate_dense_targets(measured)
     result.wall_s = time.perf_counter() - started
     return result
+
+
+def _rounds(settings: Settings, workload: Workload) -> tuple[int, int]:
+    """Timed rounds and warm-up calls of a backbone workload: fewer for the sweep, which only shows a trend."""
+    if workload.kind == "sweep":
+        return settings.sweep_rounds, min(settings.warmup, 1)
+    return settings.rounds, settings.warmup

@@ -29,6 +29,7 @@ class Settings:
     sweep_sizes: tuple[int, ...]
     compile: bool
     rounds: int
+    sweep_rounds: int
     dense_rounds: int
     warmup: int
     matmul_size: int
