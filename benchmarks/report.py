@@ -40,7 +40,8 @@ def format_report(result: SuiteResult) -> str:
             for t in result.targets
         ]  # fmt: skip
         lines.append(format_table(("workload", "target", "required", "measured", "met"), rows))
-    lines += ["", f"wall time {result.wall_s:.0f} s"]
+    first_calls = sum(case.first_call_s for workload in result.workloads for case in workload.cases)
+    lines += ["", f"wall time {result.wall_s:.0f} s, of which {first_calls:.0f} s in first calls (compiling included)"]
     return "\n".join(lines)
 
 
