@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from types import SimpleNamespace
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -19,28 +22,52 @@ def count_flops(run: Callable[[], Any]) -> tuple[int, Any]:
     return counter.get_total_flops(), result
 
 
-def peak_memory_bytes(run: Callable[[], Any]) -> int:
-    """Peak bytes of live tensors during one call: parameters, gradients, activations and temporaries.
+def peak_memory_bytes(run: Callable[[], Any], device: torch.device) -> int:
+    """The most bytes on ``device`` that the tensors one call allocates hold at once: activations, gradients,
+    temporaries. What existed before the call (the weights, the inputs, the last step's gradients) is not
+    counted, even where the call frees it.
 
-    ``MemTracker`` follows every tensor's storage, so it counts the same on CPU (which keeps no allocator
-    statistics) as on CUDA.
+    From the profiler's allocation events, which see every allocation of eager and compiled code alike, on a
+    CPU (which keeps no allocator statistics) as on CUDA. A dispatch mode such as torch's ``MemTracker``
+    would not do: torch.compile runs the eager code under one, so a compiled step would get the eager figure.
     """
-    tracker = _FrozenParameterMemTracker()
-    with tracker:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    profiler = profile(activities=activities, profile_memory=True)
+    with _stderr_silenced():
+        profiler.start()
+    try:
         run()
-    peak = tracker.get_tracker_snapshot("peak")
-    return max(device_peak["Total"] for device_peak in peak.values())
+    finally:
+        with _stderr_silenced():
+            profiler.stop()
+    events, allocations = list(profiler.profiler.kineto_results.experimental_event_tree()), []
+    while events:
+        event = events.pop()
+        events += event.children
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == device.type:
+            allocations.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
+    held: dict[int, int] = {}  # address -> bytes of each block the call allocated and still holds
+    live = peak = 0
+    for _, address, size in sorted(allocations):
+        if size > 0:
+            held[address] = size
+            live += size
+            peak = max(peak, live)
+        else:
+            live -= held.pop(address, 0)
+    return peak
 
 
-class _FrozenParameterMemTracker(MemTracker):
-    """``MemTracker`` hooks every parameter's gradient, and torch refuses a hook on a frozen parameter (a
-    frozen stage, FrozenBatchNorm's model): a frozen parameter gets no gradient, so it gets a hook that is
-    never installed (and whose removal does nothing) instead."""
-
-    _NOT_INSTALLED = SimpleNamespace(remove=lambda: None)
-
-    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
-        for parameter in module.parameters():
-            if not parameter.requires_grad:
-                self._param_to_grad_hook_handles.setdefault(parameter, (self._NOT_INSTALLED, self._NOT_INSTALLED))
-        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+@contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Kineto writes lines to the process's stderr as a profiler starts and stops ("profiler_start", ...),
+    through the progress bar; only those two moments are silenced, never the profiled call."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

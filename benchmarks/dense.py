@@ -258,7 +258,7 @@ def run_dense_workload(
     timings = time_interleaved({**runs, **matmuls}, rounds=rounds, warmup=0, device=device, progress=progress)
     peaks = {dtype: count_flops(run)[0] / timings.pop(dtype).median / 1e9 for dtype, run in matmuls.items()}
     training = workload.task == "finetune"
-    memory = {key: peak_memory_bytes(run) for key, run in runs.items()} if training else {}
+    memory = {key: peak_memory_bytes(run, device) for key, run in runs.items()} if training else {}
     fastest = min((case for case in timings if case[0] == OURS), key=lambda case: timings[case].median)
     split = time_parts(prepared[fastest], runs[fastest])
     torch._dynamo.reset()

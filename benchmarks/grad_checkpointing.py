@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = {checkpointing: training_step(checkpointing, args.batch, args.size, args.architecture)
              for checkpointing in (False, True)}  # fmt: skip
     with tqdm(total=2 * (args.rounds + 1), desc="grad checkpointing", unit="step") as progress:
-        memory = {key: peak_memory_bytes(step) for key, step in steps.items()}
+        memory = {key: peak_memory_bytes(step, torch.device("cpu")) for key, step in steps.items()}
         timings = time_interleaved(steps, rounds=args.rounds, warmup=1, device=torch.device("cpu"), progress=progress)
     memory_ratio = memory[True] / memory[False]
     time_ratio = timings[True].median / timings[False].median
