@@ -70,9 +70,9 @@ def optimize_for_inference(
       5e-2 times. bfloat16 on a CPU without native bf16 arithmetic is slower than float32: a warning says so.
     - ``compile``: ``torch.compile`` of each dense part (of a backbone: the whole model) with inductor's
       freezing (weights become constants, so later changes to the parameters are not seen), static shapes
-      (each new input shape compiles once) and no autograd; a backbone on a CPU also with the C++ wrapper
-      (see :func:`compile_for_inference`). On CUDA it also records CUDA graphs: an output is overwritten by
-      the next call, so clone what you keep.
+      (each new input shape compiles once) and no autograd; on a CPU also with the C++ wrapper (see
+      :func:`compile_for_inference`). On CUDA it also records CUDA graphs: an output is overwritten by the
+      next call, so clone what you keep.
     - ``inplace``: modify ``model`` itself instead of a copy (saves memory for large models).
 
     The result keeps the original's class, attributes and output type, but its state dict (convolutions
@@ -110,7 +110,7 @@ def optimize_for_inference(
             if not whole_backbone:
                 part.register_forward_hook(torch.compiler.disable(_outputs_in_float32))
         if compile:
-            compile_for_inference(part, cpp_wrapper=whole_backbone)
+            compile_for_inference(part)
     return model
 
 
@@ -148,15 +148,15 @@ def computes_bf16_natively(device: torch.device | str = "cpu") -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def compile_for_inference(model: nn.Module, *, cpp_wrapper: bool = False) -> None:
+def compile_for_inference(model: nn.Module) -> None:
     """Compile ``model`` in place, as ``nn.Module.compile`` does, with static shapes and inductor's freezing
-    (the weights become constants, folded and prepacked for the convolution kernels); on CUDA also with CUDA
-    graphs, which remove the launch cost of each kernel.
+    (the weights become constants, folded and prepacked for the convolution kernels); on CPU also with a
+    C++ wrapper, on CUDA with CUDA graphs, which remove the launch cost of each kernel.
 
-    ``cpp_wrapper`` (CPU): inductor's C++ wrapper, no Python between the kernels. It pays where kernels are
-    short (about 8% on a ResNet-50 backbone at 4x224); on a detector at 800x1216 or a segmenter at 520 pixels
-    it changes nothing measurable and costs a third more compile time (Faster R-CNN 52 s instead of 40 s,
-    DeepLabV3 43 s instead of 32 s, 2-core Xeon).
+    The C++ wrapper (no Python between the kernels) buys about 8% on a ResNet-50 backbone at 4x224 and 4% on
+    an smp U-Net at 512 pixels, nothing measurable on a Faster R-CNN at 800x1216, and costs about a third
+    more compile time (Faster R-CNN 52 s instead of 40 s on a 2-core Xeon): a one-off per input shape, so the
+    fast path takes the speed.
 
     Freezing needs two things at trace time (the first call for each shape): gradients disabled, and the
     global inductor config, which Dynamo reads (``torch.compile(options=...)`` only reaches inductor). So
@@ -165,7 +165,7 @@ def compile_for_inference(model: nn.Module, *, cpp_wrapper: bool = False) -> Non
     """
     on_cuda = next(model.parameters()).is_cuda
     settings = torch._inductor.config.patch(
-        {"freezing": True, "cpp_wrapper": cpp_wrapper and not on_cuda, "triton.cudagraphs": on_cuda}
+        {"freezing": True, "cpp_wrapper": not on_cuda, "triton.cudagraphs": on_cuda}
     )
     model._compiled_call_impl = settings(torch.no_grad()(torch.compile(model._call_impl, dynamic=False)))
 
