@@ -46,9 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     steps = {checkpointing: training_step(checkpointing, args.batch, args.size, args.architecture)
              for checkpointing in (False, True)}  # fmt: skip
+    cpu = torch.device("cpu")
     with tqdm(total=2 * (args.rounds + 1), desc="grad checkpointing", unit="step") as progress:
-        memory = {key: peak_memory_bytes(step, torch.device("cpu")) for key, step in steps.items()}
-        timings = time_interleaved(steps, rounds=args.rounds, warmup=1, device=torch.device("cpu"), progress=progress)
+        memory = {key: peak_memory_bytes(step, cpu) for key, step in steps.items()}
+        timings = time_interleaved(steps, rounds=args.rounds, warmup=1, device=cpu, progress=progress)
     memory_ratio = memory[True] / memory[False]
     time_ratio = timings[True].median / timings[False].median
     shape = f"{args.batch}x3x{args.size}x{args.size}"
