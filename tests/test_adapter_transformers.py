@@ -411,7 +411,6 @@ def test_saved_models_and_hub_ids_load_in_a_fresh_offline_process_only_with_the_
     reload = """
 import sys, torch, transformers
 saved = torch.load(sys.argv[1])
-torch.set_num_threads(int(sys.argv[2]))  # the parent's: another thread count may change the last bit
 for with_adapter in (False, True):
     if with_adapter:
         import resnet_backbone.adapters.transformers
@@ -429,11 +428,13 @@ backbone = transformers.AutoBackbone.from_config(config).state_dict()
 print(all(torch.equal(backbone[name], value) for name, value in saved["hub"].items()))
 """
     environment = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    arguments = [str(tmp_path / "checks.pt"), str(torch.get_num_threads())]
-    lines = run_python(reload, environment, arguments).stdout.strip().splitlines()
+    lines = run_python(reload, environment, [str(tmp_path / "checks.pt")]).stdout.strip().splitlines()
     without, with_adapter, hub_weights_loaded = lines[:2], lines[2:4], lines[4:]
     assert all(line.startswith("False|") and "resnet_backbone" in line for line in without), without
-    assert with_adapter == ["True|0.0", "True|0.0"]
+    # Another process may pick other kernels or thread splits, so float32 sums accumulate in another order:
+    # the same weights give outputs equal to rounding, not to the bit.
+    assert [line.split("|")[0] for line in with_adapter] == ["True", "True"], with_adapter
+    assert all(float(line.split("|")[1]) < 1e-5 for line in with_adapter), with_adapter
     assert hub_weights_loaded == ["True"]
 
 

@@ -298,7 +298,8 @@ def test_ddp_evaluates_on_rank_zero_with_the_numbers_of_one_process(folders, tmp
     assert all(0 <= line[key] <= 1 for line in lines for key in ("mAP@0.5", "mAP"))
     assert f"step 2: mAP@0.5 {lines[1]['mAP@0.5']:.4f}, mAP {lines[1]['mAP']:.4f}" in result.stdout
     alone = evaluation_run(argparse.Namespace(model=tmp_path / "model", data=coco / "val"))
-    assert alone == {"mAP@0.5": lines[-1]["mAP@0.5"], "mAP": lines[-1]["mAP"]}
+    # Scores computed in another process may differ in the last bits (float32 accumulation order).
+    assert alone == pytest.approx({"mAP@0.5": lines[-1]["mAP@0.5"], "mAP": lines[-1]["mAP"]}, abs=1e-6)
     assert (tmp_path / "best" / "task_model.pt").is_file()
     backbone = ResNetBackbone.from_pretrained(tmp_path / "model")
     assert backbone.config.id2label == {0: "background", 1: "square", 2: "bar"}
