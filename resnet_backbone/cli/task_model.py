@@ -105,7 +105,7 @@ def load_task_model(directory: str | Path) -> tuple[nn.Module, TaskSpec]:
         model = build_task_model(spec, ResNetBackbone(config) if spec.task == "detection" else backbone)
     except ValueError as error:
         raise ValueError(f"{directory}: {TASK_NAME} and {CONFIG_NAME} describe no model that builds: {error}") from None
-    _load_weights(model, directory / WEIGHTS_NAME, f"the {spec.architecture} on a {backbone} backbone")
+    _load_weights(model, directory / WEIGHTS_NAME, f"the {spec.architecture} with backbone {backbone}")
     return model, spec
 
 
