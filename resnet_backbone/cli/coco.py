@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .images import image_size, read_image
+from .images import decoded_size, in_threads, read_image
 
 ANNOTATIONS_NAME = "annotations.json"
 IMAGES_DIR = "images"
@@ -127,7 +127,7 @@ class CocoFolder(Dataset):
     def _targets(self, data: dict, images_dir: Path) -> list[_ImageTargets]:
         where = self.annotations_path
         images: dict[int, _ImageTargets] = {}
-        sizes: dict[int, tuple[int, int]] = {}
+        entries: list[str] = []
         for index, image in enumerate(_entries(data, "images", where)):
             entry = f"{where}: images[{index}]"
             _require_keys(image, ("id", "file_name"), entry)
@@ -137,7 +137,9 @@ class CocoFolder(Dataset):
             if not path.is_file():
                 raise ValueError(f"{entry}: the image file {path} does not exist.")
             images[image["id"]] = _ImageTargets(path)
-            sizes[image["id"]] = image_size(path, entry)
+            entries.append(f"{entry} (id {image['id']!r})")
+        decoded = in_threads(lambda pair: decoded_size(*pair), zip([image.path for image in images.values()], entries))
+        sizes = dict(zip(images, decoded))
         label_of = {category.id: label for label, category in enumerate(self.categories, 1)}
         annotations = _entries(data, "annotations", where)
         for index, annotation in enumerate(annotations):
@@ -170,7 +172,9 @@ class CocoFolder(Dataset):
             self.report.degenerate_boxes += 1
             return
         if self.masks:
-            _check_segmentation(annotation["segmentation"], entry)
+            _check_segmentation(
+                annotation["segmentation"], f"{entry} on image_id {annotation['image_id']!r}", height, width
+            )
         image = images[annotation["image_id"]]
         image.boxes.append(box)
         image.labels.append(label_of[annotation["category_id"]])
@@ -205,6 +209,11 @@ def _categories(data: dict, where: Path) -> list[Category]:
     for index, category in enumerate(_entries(data, "categories", where)):
         _require_keys(category, ("id", "name"), f"{where}: categories[{index}]")
         categories.append(Category(category["id"], str(category["name"])))
+    if not categories:
+        raise ValueError(
+            f"{where}: 'categories' is empty, so there is nothing to detect; list the classes there, "
+            'such as {"id": 1, "name": "person"}, with the annotations\' category_id pointing at them.'
+        )
     if len({category.id for category in categories}) != len(categories):
         raise ValueError(f"{where}: category ids must be unique, got {[category.id for category in categories]}.")
     return sorted(categories, key=lambda category: category.id)
@@ -220,16 +229,60 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_segmentation(segmentation: Any, where: str) -> None:
-    polygons = isinstance(segmentation, list) and all(
-        isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 for polygon in segmentation
-    )
-    rle = isinstance(segmentation, dict) and {"counts", "size"} <= set(segmentation)
-    if not (polygons or rle):
+def _check_segmentation(segmentation: Any, where: str, height: int, width: int) -> None:
+    problem = _segmentation_problem(segmentation, height, width)
+    if problem:
         raise ValueError(
-            f"{where}: segmentation must be polygons ([[x1, y1, x2, y2, x3, y3, ...], ...]) or an RLE "
-            f"({{'counts': ..., 'size': [height, width]}}), got {str(segmentation)[:80]}."
+            f"{where}: {problem}; got {str(segmentation)[:80]}. Mask R-CNN needs each annotation's mask as "
+            "polygons ([[x1, y1, x2, y2, x3, y3, ...], ...]) or an RLE ({'counts': ..., 'size': [height, width]})."
         )
+
+
+def _segmentation_problem(segmentation: Any, height: int, width: int) -> str | None:
+    """What makes ``segmentation`` no mask of a ``height`` x ``width`` image (pycocotools would crash on it or
+    decode it silently wrong), or None."""
+    if isinstance(segmentation, dict):
+        return _rle_problem(segmentation, height, width)
+    if not (isinstance(segmentation, list) and segmentation):
+        return "the segmentation is empty" if not segmentation else "the segmentation is neither polygons nor an RLE"
+    for polygon in segmentation:
+        if not (isinstance(polygon, list) and all(_is_finite_number(value) for value in polygon)):
+            return f"a polygon must be a list of numbers, got {str(polygon)[:40]}"
+        if len(polygon) < 6 or len(polygon) % 2:
+            return f"a polygon needs 3 or more x, y points (an even count of 6 or more numbers), got {len(polygon)}"
+    return None
+
+
+def _rle_problem(rle: dict, height: int, width: int) -> str | None:
+    if not {"counts", "size"} <= rle.keys():
+        return "an RLE needs 'counts' and 'size'"
+    if rle["size"] != [height, width]:
+        return f"the RLE's size {rle['size']!r} is not its image's [height, width] [{height}, {width}]"
+    runs = _compressed_runs(rle["counts"]) if isinstance(rle["counts"], str) else rle["counts"]
+    valid = isinstance(runs, list) and all(isinstance(run, int) and not isinstance(run, bool) for run in runs)
+    if not valid or any(run < 0 for run in runs):
+        return "the RLE's counts are neither COCO's compressed string nor a list of run lengths"
+    if sum(runs) != height * width:
+        return f"the RLE's runs cover {sum(runs)} pixels, not the image's {height}x{width} = {height * width}"
+    return None
+
+
+def _compressed_runs(counts: str) -> list[int] | None:
+    """The run lengths of COCO's compressed RLE string (pycocotools' ``rleFrString``), or None if it is not one."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts) or not 0 <= ord(counts[position]) - 48 < 64:
+                return None
+            chunk = ord(counts[position]) - 48
+            value |= (chunk & 0x1F) << shift
+            more, position, shift = bool(chunk & 0x20), position + 1, shift + 5
+            if not more and chunk & 0x10:
+                value |= -1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
 
 
 def _decode_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:

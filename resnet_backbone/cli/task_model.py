@@ -8,26 +8,34 @@ backbone alone (so ``ResNetBackbone.from_pretrained(directory)`` reads it, with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..adapters.torchvision import build_detector
+from ..adapters.torchvision import DETECTORS, build_detector
 from ..backbone import ResNetBackbone
 from ..config import ResNetConfig
+from ..hints import close_match_hint
 from ..presets import PRESETS
 from ..trunk import ResNetTrunk
-from ..weights import load_checkpoint
+from ..weights import LoadReport, load_checkpoint, load_placed
 from ..weights.architecture import describe
 from ..weights.files import atomic_write
 from .coco import Category
 
 TASK_NAME = "task.json"
 WEIGHTS_NAME = "task_model.pt"
+CONFIG_NAME = "config.json"
 SEGMENTERS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
+# The segmenters with an image-pooling branch (each image pooled to 1x1, then BatchNorm), by that branch's
+# name: in training, that BatchNorm sees one value per channel at one image per batch, which it cannot
+# normalise. A test checks these against the real smp models.
+IMAGE_POOLING_SEGMENTERS = {"deeplabv3plus": "ASPP image pooling"}
 
 
 @dataclass(frozen=True)
@@ -75,19 +83,115 @@ def save_task_model(model: nn.Module, directory: Path, spec: TaskSpec) -> None:
 
 
 def load_task_model(directory: str | Path) -> tuple[nn.Module, TaskSpec]:
+    """The model :func:`save_task_model` wrote to ``directory``, and its spec. Each file is checked against
+    the others (an edited ``task.json`` or ``config.json``, weights of another model) and a mismatch is one
+    error naming the file and what it expected; nothing is half-loaded."""
     directory = Path(directory)
-    missing = [name for name in (TASK_NAME, WEIGHTS_NAME, "config.json") if not (directory / name).is_file()]
+    missing = [name for name in (TASK_NAME, WEIGHTS_NAME, CONFIG_NAME) if not (directory / name).is_file()]
     if missing:
         raise ValueError(
             f"{directory} is not a fine-tuned model directory (such as train's OUTPUT_DIR/model or "
             f"OUTPUT_DIR/best): it lacks {', '.join(missing)}."
         )
-    fields = json.loads((directory / TASK_NAME).read_text(encoding="utf-8"))
-    spec = TaskSpec(**{**fields, "id2label": {int(key): name for key, name in fields["id2label"].items()}})
-    config = ResNetConfig.from_json_file(directory / "config.json")
-    model = build_task_model(spec, ResNetBackbone(config) if spec.task == "detection" else describe(config))
-    model.load_state_dict(torch.load(directory / WEIGHTS_NAME, map_location="cpu", weights_only=True))
+    spec = read_task_spec(directory / TASK_NAME)
+    config = _read_config(directory / CONFIG_NAME)
+    backbone = describe(config)
+    if spec.task == "segmentation" and backbone not in PRESETS:
+        raise ValueError(
+            f"{directory / CONFIG_NAME} describes a backbone with {backbone}, which no segmentation encoder "
+            f"(tu-rb_<preset>) builds; expected one of the presets {', '.join(PRESETS)}."
+        )
+    try:
+        model = build_task_model(spec, ResNetBackbone(config) if spec.task == "detection" else backbone)
+    except ValueError as error:
+        raise ValueError(f"{directory}: {TASK_NAME} and {CONFIG_NAME} describe no model that builds: {error}") from None
+    _load_weights(model, directory / WEIGHTS_NAME, f"the {spec.architecture} with backbone {backbone}")
     return model, spec
+
+
+def read_task_spec(path: Path) -> TaskSpec:
+    """``task.json`` as a :class:`TaskSpec`, every key checked, so an edited or foreign file is one error that
+    names the key and what it should hold."""
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+        ) from None
+    names = [field.name for field in dataclasses.fields(TaskSpec)]
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} must hold a JSON object with the keys {', '.join(names)}.")
+    for key in fields:
+        if key not in names:
+            hint = close_match_hint(key, names)
+            raise ValueError(f"{path}: unknown key {key!r}; a {TASK_NAME} holds {', '.join(names)}.{hint}")
+    required = [field.name for field in dataclasses.fields(TaskSpec) if field.default is dataclasses.MISSING]
+    for key in required:
+        if key not in fields:
+            raise ValueError(f"{path}: the key {key!r} is missing; a {TASK_NAME} holds {', '.join(names)}.")
+    problems = _value_problems(fields)
+    if problems:
+        key, expected = problems[0]
+        raise ValueError(f"{path}: {key} is {json.dumps(fields.get(key))[:80]}, expected {expected}.")
+    return TaskSpec(**{**fields, "id2label": {int(key): name for key, name in fields["id2label"].items()}})
+
+
+def _value_problems(fields: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, what it should hold) for each value of a ``task.json`` that no saved model has."""
+    architectures = {"detection": DETECTORS, "segmentation": SEGMENTERS}
+    task = fields["task"] if isinstance(fields["task"], str) and fields["task"] in architectures else None
+    architecture = fields["architecture"]
+    checks = {
+        "task": (task is not None, " or ".join(map(json.dumps, architectures))),
+        "architecture": (
+            task is None or (isinstance(architecture, str) and architecture in architectures[task]),
+            f"a {task} architecture: {', '.join(architectures.get(task, ()))}",
+        ),
+        "num_classes": (_is_positive_int(fields["num_classes"]), "a positive integer"),
+        "image_size": (_is_positive_int(fields["image_size"]), "a positive integer"),
+        "id2label": (
+            isinstance(fields["id2label"], dict)
+            and all(key.isdigit() and isinstance(name, str) for key, name in fields["id2label"].items()),
+            'an object of class index to name, such as {"0": "background", "1": "cat"}',
+        ),
+        "category_ids": (_is_list_of(fields.get("category_ids"), int), "null or a list of COCO category ids"),
+        "out_features": (_is_list_of(fields.get("out_features"), str), "null or a list of stage names"),
+    }
+    return [(key, expected) for key, (valid, expected) in checks.items() if not valid]
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_list_of(value: Any, kind: type) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(item, kind) for item in value))
+
+
+def _read_config(path: Path) -> ResNetConfig:
+    try:
+        return ResNetConfig.from_json_file(path)
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _load_weights(model: nn.Module, path: Path, described: str) -> None:
+    """``path``'s state dict into ``model``, all of it or nothing."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: pickle, zip and torch each raise their own
+        reason = str(error).partition("\n")[0] or type(error).__name__
+        raise ValueError(f"{path} is not a state dict torch.load can read ({reason}).") from None
+    if not (isinstance(state_dict, dict) and all(isinstance(value, torch.Tensor) for value in state_dict.values())):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a state dict (names to tensors).")
+    report = load_placed(model, state_dict, LoadReport(source_layout=WEIGHTS_NAME), strict=False)
+    if not report.is_exact:
+        mismatch = str(report).split("\n", 1)[1].replace("\n", "; ")
+        raise ValueError(
+            f"{path} does not fit {described} that {TASK_NAME} and {CONFIG_NAME} describe ({mismatch}). "
+            "Keep the files of one saved model together, unedited."
+        )
 
 
 def _smp_model(kind: str, backbone: str | ResNetBackbone, num_classes: int) -> nn.Module:

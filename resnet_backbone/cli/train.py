@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
@@ -29,7 +30,7 @@ from .coco import BACKGROUND, CocoFolder
 from .evaluation import PeriodicEvaluation, evaluation_data
 from .masks import IGNORE_INDEX, MaskFolder
 from .synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
-from .task_model import SEGMENTERS, TaskSpec, backbone_of, build_task_model, save_task_model
+from .task_model import IMAGE_POOLING_SEGMENTERS, SEGMENTERS, TaskSpec, backbone_of, build_task_model, save_task_model
 from .training import PRECISIONS, TrainingOptions, distributed_world, fit
 
 DETECTORS = ("fcos", "fasterrcnn", "maskrcnn", "retinanet")
@@ -113,6 +114,8 @@ def _task(args: argparse.Namespace) -> _Task:
         raise ValueError("--val-data needs --data: evaluation uses the label mapping of your own training folder.")
     if args.num_classes is not None and args.task != "segmentation":
         raise ValueError("--num-classes is for --task segmentation; detection reads its classes from the categories.")
+    if args.task == "segmentation":
+        _check_batch_norm_can_train(args)
     dataset, spec = _detection_data(args) if args.task == "detection" else _segmentation_data(args)
     val_dataset = None if args.val_data is None else evaluation_data(spec, args.val_data)
     backbone = args.weights or args.preset
@@ -147,7 +150,21 @@ def _segmentation_data(args: argparse.Namespace) -> tuple[Dataset, TaskSpec]:
         return dataset, TaskSpec(num_classes=len(SYNTHETIC_LABELS), id2label=SYNTHETIC_LABELS, **common)
     transforms = segmentation_transforms(args.image_size, augment=not args.no_augment)
     dataset = MaskFolder(args.data, num_classes=args.num_classes, transforms=transforms)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{dataset.masks_dir}: {dataset.report}")
     return dataset, TaskSpec(num_classes=dataset.num_classes, id2label=dataset.id2label, **common)
+
+
+def _check_batch_norm_can_train(args: argparse.Namespace) -> None:
+    """Refuse a batch BatchNorm cannot train on: an image-pooling branch normalises one value per channel and
+    image, so it needs two images per batch (or SyncBatchNorm over two or more processes). ``fit`` only
+    makes full batches, so no smaller last batch comes later."""
+    synced_over = dist.get_world_size() if args.sync_bn and dist.is_initialized() else 1
+    if args.batch_size == 1 and synced_over == 1 and args.segmenter in IMAGE_POOLING_SEGMENTERS:
+        raise ValueError(
+            f"--batch-size 1: {args.segmenter}'s {IMAGE_POOLING_SEGMENTERS[args.segmenter]} uses BatchNorm on one "
+            "value per channel, which cannot train; use --batch-size 2 or more (or --sync-bn over 2+ processes)."
+        )
 
 
 def _segmentation_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
