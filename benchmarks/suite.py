@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -121,17 +122,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") 
 
 
 def _create_output_folders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Create the folders the run writes to before it starts: a path that cannot be written fails at once,
-    not after the whole suite."""
+    """Check, then create, the folders the run writes to, before it starts: a path that cannot be written fails
+    at once and creates nothing, not after the whole suite."""
     if args.report is not None and args.report.is_dir():
         parser.error(
             f"--report {args.report} is a folder: give the page's file name, e.g. {args.report / 'benchmarks.md'}"
         )
-    for folder in (args.output_dir, *(() if args.report is None else (args.report.parent,))):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            parser.error(f"cannot create the folder {folder}: {error.strerror}")
+    folders = {"--output-dir": args.output_dir, **({} if args.report is None else {"--report": args.report.parent})}
+    for option, folder in folders.items():
+        existing = next(path for path in (folder, *folder.parents) if path.exists())
+        if not existing.is_dir():
+            parser.error(f"{option}: cannot create the folder {folder}: {existing} is a file; choose another path")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(
+                f"{option}: cannot create the folder {folder}: {existing} is not writable; choose another path"
+            )
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def run_suite(

@@ -85,14 +85,22 @@ def test_report_writes_a_generated_page_with_the_machine_the_command_and_the_tab
     assert sorted(path.name for path in page_path.parent.iterdir()) == ["benchmarks.md"]  # no staged file left
 
 
-def test_report_into_a_folder_is_refused_before_anything_runs(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (["--report", "{tmp}"], "--report {tmp} is a folder: give the page's file name, e.g. {tmp}/benchmarks.md"),
+        (["--report", "{tmp}/file/page.md"], "--report: cannot create the folder {tmp}/file: {tmp}/file is a file"),
+        (["--output-dir", "{tmp}/file/x"], "--output-dir: cannot create the folder {tmp}/file/x: {tmp}/file is a file"),
+    ],
+)  # fmt: skip
+def test_an_output_path_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys, options, error):
+    (tmp_path / "file").write_text("")
+    arguments = ["--smoke", "--output-dir", str(tmp_path / "results"), *(o.format(tmp=tmp_path) for o in options)]
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--smoke", "--output-dir", str(tmp_path / "results"), "--report", str(tmp_path)])
+        main(["bench", *arguments])
     assert exit_info.value.code == 2
-    assert f"--report {tmp_path} is a folder: give the page's file name, e.g. {tmp_path / 'benchmarks.md'}" in (
-        capsys.readouterr().err
-    )
-    assert not (tmp_path / "results").exists()
+    assert f"resnet-backbone bench: error: {error.format(tmp=tmp_path)}" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]  # nothing created, nothing run
 
 
 @pytest.mark.slow
