@@ -17,14 +17,22 @@ import transformers
 from resnet_backbone import computes_bf16_natively
 
 PEAK_DTYPES = (torch.float32, torch.bfloat16)
+# The CPU features that decide how fast the convolutions can run: AVX-512, and native bf16 and int8 dot products.
+RELEVANT_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni")
 
 
 def describe_machine(device: torch.device) -> dict[str, object]:
     """Processor, threads, library versions, date and load: what a reader needs to compare two runs."""
-    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    cpuinfo = _cpuinfo()
+    cpu = cpuinfo.get("model name") or platform.processor() or platform.machine()
+    flags = set(cpuinfo["flags"].split()) if "flags" in cpuinfo else None
     return {
         "device": device.type,
-        "processor": processor,
+        **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
+        "cpu": cpu,
+        # Which of RELEVANT_CPU_FLAGS the CPU has; None where the system does not list them (no /proc/cpuinfo).
+        "cpu_flags": None if flags is None else {flag: flag in flags for flag in RELEVANT_CPU_FLAGS},
+        "native_bf16": computes_bf16_natively(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -38,13 +46,22 @@ def describe_machine(device: torch.device) -> dict[str, object]:
     }
 
 
-def _cpu_model() -> str:
+def processor(machine: dict[str, object]) -> object:
+    """The name of what ran the work in a :func:`describe_machine` record: the GPU on CUDA, else the CPU."""
+    return machine.get("gpu", machine["cpu"])
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in Linux's ``/proc/cpuinfo`` (``model name``, ``flags``, ...); empty elsewhere."""
     cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            if not line.strip():
+                break
+            name, _, value = line.partition(":")
+            fields[name.strip()] = value.strip()
+    return fields
 
 
 def peak_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .machine import processor  # noqa: E402
 from .peers import LIBRARIES  # noqa: E402
 from .results import SuiteResult, WorkloadResult  # noqa: E402
 
@@ -30,7 +31,7 @@ def write_plot(result: SuiteResult, path: Path) -> None:
         _sweep_lines(row_axes[-1], [w for w in row if w.kind == "sweep"])
         for ax in row_axes[len(panels) : -1]:
             ax.set_visible(False)
-    figure.suptitle(f"{result.machine['processor']}, {result.machine['torch_threads']} threads")
+    figure.suptitle(f"{processor(result.machine)}, {result.machine['torch_threads']} threads")
     figure.savefig(path, dpi=80)
     plt.close(figure)
 

@@ -1,4 +1,4 @@
-"""The printed report (Markdown tables, readable in a terminal and pasteable into the README) and the JSON file."""
+"""The printed report (Markdown tables, readable in a terminal and on the generated page) and the JSON file."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from resnet_backbone.weights.files import atomic_write
+
+from .machine import processor
 from .results import CaseResult, SuiteResult, WorkloadResult
 
 CASE_COLUMNS = ("library", "mode", "median ms", "min-max ms", "images/s", "speedup", "GFLOP/s", "% of peak")
@@ -13,36 +16,44 @@ CASE_COLUMNS += ("max diff", "first call s")
 
 
 def format_report(result: SuiteResult) -> str:
+    """The machine in one line, then :func:`format_tables`."""
     machine = result.machine
-    lines = [
-        f"{machine['processor']} ({machine['device']}, {machine['torch_threads']} threads, "
+    summary = (
+        f"{processor(machine)} ({machine['device']}, {machine['torch_threads']} threads, "
         f"{machine['cpu_capability']}), torch {machine['torch']}, {machine['date']}, load average before the run "
         f"{machine['load_average_1min_at_start']:.2f}"
-    ]
+    )
+    return f"{summary}\n\n{format_tables(result)}"
+
+
+def format_tables(result: SuiteResult) -> str:
+    """Every workload's table, the sweep, the targets and the wall time, as Markdown blocks with a blank line
+    between them (so that a note after a table does not render as one of its rows)."""
+    blocks = []
     sweep = [workload for workload in result.workloads if workload.kind == "sweep"]
     for workload in result.workloads:
         if workload.kind != "sweep":
-            lines += ["", _workload_heading(workload), "", format_table(*_case_table(workload))]
-            lines += [f"skipped: {case}: {why}" for case, why in workload.skipped.items()]
+            blocks += [_workload_heading(workload), format_table(*_case_table(workload))]
+            notes = [f"- skipped: {case}: {why}" for case, why in workload.skipped.items()]
             if workload.part_split_ms:
                 split = dict(workload.part_split_ms)
                 mode = split.pop("mode")
                 parts = ", ".join(f"{name} {ms:.0f}" for name, ms in split.items())
-                lines.append(f"one call of {mode}, ms per part: {parts}")
+                notes.append(f"- one call of {mode}, ms per part: {parts}")
+            blocks += ["\n".join(notes)] if notes else []
     for architecture in dict.fromkeys(workload.architecture for workload in sweep):
-        lines += ["", f"{architecture} resolution sweep, batch 1: ms per image (outputs checked as above)", ""]
-        lines.append(format_table(*_sweep_table([w for w in sweep if w.architecture == architecture])))
+        blocks.append(f"{architecture} resolution sweep, batch 1: ms per image (outputs checked as above)")
+        blocks.append(format_table(*_sweep_table([w for w in sweep if w.architecture == architecture])))
     if result.targets:
-        lines += ["", "targets", ""]
         rows = [
             (t.workload, t.name, f">= {t.threshold:g}", "not run" if t.measured is None else f"{t.measured:.2f}",
              _verdict(t.met))
             for t in result.targets
         ]  # fmt: skip
-        lines.append(format_table(("workload", "target", "required", "measured", "met"), rows))
+        blocks += ["targets", format_table(("workload", "target", "required", "measured", "met"), rows)]
     first_calls = sum(case.first_call_s for workload in result.workloads for case in workload.cases)
-    lines += ["", f"wall time {result.wall_s:.0f} s, of which {first_calls:.0f} s in first calls (compiling included)"]
-    return "\n".join(lines)
+    blocks.append(f"wall time {result.wall_s:.0f} s, of which {first_calls:.0f} s in first calls (compiling included)")
+    return "\n\n".join(blocks)
 
 
 def _workload_heading(workload: WorkloadResult) -> str:
@@ -106,4 +117,5 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def write_json(result: SuiteResult, path: Path) -> None:
-    path.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    text = json.dumps(dataclasses.asdict(result), indent=2) + "\n"
+    atomic_write(path, lambda staged: staged.write_text(text, encoding="utf-8"))

@@ -46,7 +46,8 @@ class WorkloadResult:
 
 @dataclass
 class TargetResult:
-    """One of the issue's targets; ``measured`` is None (and ``met`` too) when its mode did not run."""
+    """One of the project's speed targets (see ``targets.py``); ``measured`` is None (and ``met`` too) when its mode
+    did not run."""
 
     name: str
     workload: str

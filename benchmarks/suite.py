@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -13,6 +16,7 @@ from tqdm import tqdm
 
 from .dense import DEFAULT_WORKLOADS, TASKS, DenseWorkload, run_dense_workload, smoke_workloads
 from .machine import describe_machine, peak_dtypes
+from .page import write_page
 from .peers import ARCHITECTURES, build_peers
 from .plot import write_plot
 from .report import format_report, write_json
@@ -26,7 +30,7 @@ DEFAULT_RUNS = dict(
     sweep_sizes=(224, 384, 512, 640, 800, 1024),
     rounds=7,
     sweep_rounds=3,  # a trend over sizes, eager and the fast path only: 1024 pixels takes seconds per call
-    dense_rounds=3,  # a whole detector at 800x1216 takes seconds per call on two cores
+    dense_rounds=3,  # a whole detector at 800x1216 takes seconds per call on a CPU
     warmup=2,
     matmul_size=2048,
 )
@@ -70,12 +74,31 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir", type=Path, default=Path("benchmark-results"), help="for results.json and results.png"
     )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="PAGE.md",
+        help="also write the tables as a Markdown page with the machine, the date and this command "
+        "(e.g. docs/benchmarks.md)",
+    )
     parser.set_defaults(threads=torch.get_num_threads())
     return parser
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") -> int:
-    args = build_parser(prog).parse_args(argv)
+    """Run the suite, print its tables and write results.json, results.png and, with ``--report``, the page.
+
+    Args:
+        argv: the options (default: ``sys.argv[1:]``); ``--help`` lists them.
+        prog: the command that runs the suite, shown in the help and written on the page.
+
+    Returns:
+        0; invalid options exit with argparse's status 2 before anything runs.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(arguments)
+    _create_output_folders(parser, args)
     runs = SMOKE_RUNS if args.smoke else DEFAULT_RUNS
     settings = Settings(
         architectures=("resnet18",) if args.smoke else tuple(args.models),
@@ -88,12 +111,34 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") 
         torch.backends.cudnn.benchmark = True  # the fastest convolution algorithm for each shape
     dense = [w for w in (smoke_workloads() if args.smoke else DEFAULT_WORKLOADS) if w.task in args.tasks]
     result = run_suite(settings, device, backbone="backbone" in args.tasks, dense=dense)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, args.output_dir / "results.json")
     write_plot(result, args.output_dir / "results.png")
     print(format_report(result))
     print(f"\nwrote {args.output_dir / 'results.json'} and {args.output_dir / 'results.png'}")
+    if args.report is not None:
+        write_page(result, args.report, command=" ".join((prog, *map(shlex.quote, arguments))))
+        print(f"wrote {args.report}")
     return 0
+
+
+def _create_output_folders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check, then create, the folders the run writes to, before it starts: a path that cannot be written fails
+    at once and creates nothing, not after the whole suite."""
+    if args.report is not None and args.report.is_dir():
+        parser.error(
+            f"--report {args.report} is a folder: give the page's file name, e.g. {args.report / 'benchmarks.md'}"
+        )
+    folders = {"--output-dir": args.output_dir, **({} if args.report is None else {"--report": args.report.parent})}
+    for option, folder in folders.items():
+        existing = next(path for path in (folder, *folder.parents) if path.exists())
+        if not existing.is_dir():
+            parser.error(f"{option}: cannot create the folder {folder}: {existing} is a file; choose another path")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(
+                f"{option}: cannot create the folder {folder}: {existing} is not writable; choose another path"
+            )
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def run_suite(

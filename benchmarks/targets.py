@@ -1,4 +1,6 @@
-"""The issue's speed targets, read off one inference workload (resnet50 at 4x3x224x224 by default)."""
+"""The project's speed targets, read off one inference workload (resnet50 at 4x3x224x224 by default): a user who
+swaps torchvision's ResNet for this one loses no speed in eager mode, gains from the fast path without compiling,
+and with the fast path compiled matches or beats every peer in its best setting."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ def evaluate_targets(workload: WorkloadResult) -> list[TargetResult]:
     compiled_ours = [case for case in ours if "compiled" in case.mode]
     fastest = max(compiled_ours, key=lambda case: case.speedup, default=None)
     best = None if fastest is None else fastest.speedup
-    # The issue's peer setting: channels_last + bf16 autocast + torch.compile (every uncompiled mode too).
+    # The peers' best setting as users apply it: channels_last + bf16 autocast + torch.compile (every uncompiled
+    # mode too); the peers with inductor's freezing as well are a separate, stricter comparison.
     best_peer = max((case.speedup for case in peers if not case.mode.startswith("compiled frozen")), default=None)
     best_frozen_peer = max((case.speedup for case in peers if case.mode.startswith("compiled frozen")), default=None)
     best_float32 = max(case.fraction_of_peak for case in ours if case.dtype == "float32")
@@ -35,7 +38,7 @@ def evaluate_targets(workload: WorkloadResult) -> list[TargetResult]:
             _ratio(best, best_peer),
         ),
         (
-            "beyond the issue: best mode vs peers compiled with inductor's freezing too",
+            "stricter: best mode vs peers compiled with inductor's freezing too",
             1.0,
             _ratio(best, best_frozen_peer),
         ),
@@ -51,7 +54,8 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if numerator is None or denominator is None else numerator / denominator
 
 
-# The issue's float32 bars per dense task: our fastest float32 mode against the peer's eager float32 model.
+# The float32 bars per dense task: our fastest float32 mode against the peer's eager float32 model. Float32, so
+# that the bars hold on every machine (bf16 is fast only where the hardware computes it natively).
 DENSE_FLOAT32_BARS = {"detection": 1.25, "segmentation": 1.35, "finetune": 1.2}
 
 

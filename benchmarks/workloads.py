@@ -52,8 +52,8 @@ class Workload:
 
 
 def plan(settings: Settings, device: torch.device) -> list[Workload]:
-    """Inference with every library and mode (the compiled ones at the first shape only: each costs about
-    ten seconds of compiling per model and shape on two cores); a training step per library; the sweep with
+    """Inference with every library and mode (the compiled ones at the first shape only: each costs seconds
+    of compiling per model and shape on a CPU); a training step per library; the sweep with
     every library eager and the fast path uncompiled. bf16 runs only where ``device`` computes it natively."""
     every_case = [(library, mode) for mode in LIBRARY_MODES for library in LIBRARIES]
     every_case += [("resnet_backbone", mode) for mode in FAST_PATH_MODES]

@@ -153,10 +153,8 @@ def compile_for_inference(model: nn.Module) -> None:
     (the weights become constants, folded and prepacked for the convolution kernels); on CPU also with a
     C++ wrapper, on CUDA with CUDA graphs, which remove the launch cost of each kernel.
 
-    The C++ wrapper (no Python between the kernels) buys about 8% on a ResNet-50 backbone at 4x224 and 4% on
-    an smp U-Net at 512 pixels, nothing measurable on a Faster R-CNN at 800x1216, and costs about a third
-    more compile time (Faster R-CNN 52 s instead of 40 s on a 2-core Xeon): a one-off per input shape, so the
-    fast path takes the speed.
+    The C++ wrapper (no Python between the kernels) makes backbones and segmenters faster, at the cost of more
+    compile time: a one-off per input shape, so the fast path takes the speed.
 
     Freezing needs two things at trace time (the first call for each shape): gradients disabled, and the
     global inductor config, which Dynamo reads (``torch.compile(options=...)`` only reaches inductor). So
