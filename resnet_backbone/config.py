@@ -20,16 +20,20 @@ from .out_features import align_out_features
 from .presets import preset_overrides
 from .specs import stage_specs
 
-LAYER_TYPES = ("basic", "bottleneck")
-HIDDEN_ACTS = ("relu", "gelu", "gelu_new", "silu", "swish", "selu")
-STEM_TYPES = ("default", "deep")
-NORM_LAYERS = ("batch", "frozen_batch", "sync_batch", "group")
-OUTPUT_STRIDES = (8, 16, 32)
-DILATION_RULES = ("timm", "mmdet", "mmseg")
+# The fields that take one of a few values (output_stride and problem_type may also be None): validation and
+# the tests that try every field read them here.
+FIELD_CHOICES: dict[str, tuple] = {
+    "layer_type": ("basic", "bottleneck"),
+    "hidden_act": ("relu", "gelu", "gelu_new", "silu", "swish", "selu"),
+    "stem_type": ("default", "deep"),
+    "output_stride": (8, 16, 32),
+    "dilation_rule": ("timm", "mmdet", "mmseg"),
+    "norm_layer": ("batch", "frozen_batch", "sync_batch", "group"),
+    "problem_type": ("regression", "single_label_classification", "multi_label_classification"),
+}
 TRANSFORMERS_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish")
 # Marks config.json files that transformers must not load: see ResNetConfig.to_json_string.
 EXTENSION_MARKER = "resnet_backbone:"
-PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 GROUP_NORM_GROUPS = 32
 
 # Keys that transformers writes into config.json but that do not change the network.
@@ -243,8 +247,8 @@ class ResNetConfig:
                 f"depths and hidden_sizes must have one entry per stage, got {len(self.depths)} depths "
                 f"{self.depths} and {len(self.hidden_sizes)} hidden_sizes {self.hidden_sizes}."
             )
-        _require_choice("layer_type", self.layer_type, LAYER_TYPES)
-        _require_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
+        _require_choice("layer_type", self.layer_type)
+        _require_choice("hidden_act", self.hidden_act)
         _require_bool("downsample_in_first_stage", self.downsample_in_first_stage)
         _require_bool("downsample_in_bottleneck", self.downsample_in_bottleneck)
 
@@ -263,14 +267,14 @@ class ResNetConfig:
                         f"hidden_sizes entry {hidden_size} is too small for a bottleneck with groups="
                         f"{self.groups}, width_per_group={self.width_per_group}: its inner width would be 0."
                     )
-        _require_choice("stem_type", self.stem_type, STEM_TYPES)
+        _require_choice("stem_type", self.stem_type)
         if self.stem_type == "deep" and self.embedding_size < 2:
             raise ValueError(f"stem_type='deep' needs embedding_size >= 2, got {self.embedding_size}.")
         _require_bool("avg_down", self.avg_down)
         if self.output_stride is not None:
-            _require_choice("output_stride", self.output_stride, OUTPUT_STRIDES, allow_none=True)
-        _require_choice("dilation_rule", self.dilation_rule, DILATION_RULES)
-        _require_choice("norm_layer", self.norm_layer, NORM_LAYERS)
+            _require_choice("output_stride", self.output_stride, allow_none=True)
+        _require_choice("dilation_rule", self.dilation_rule)
+        _require_choice("norm_layer", self.norm_layer)
         if self.norm_layer == "group":
             uneven = [c for c in self.normalized_channels() if c % GROUP_NORM_GROUPS]
             if uneven:
@@ -322,7 +326,7 @@ class ResNetConfig:
             raise ValueError(f"label2id must map label names to indices, got {self.label2id!r}.")
         self.label2id = dict(self.label2id)
         if self.problem_type is not None:
-            _require_choice("problem_type", self.problem_type, PROBLEM_TYPES)
+            _require_choice("problem_type", self.problem_type)
 
     # ---------------------------------------------------------------- derived widths
 
@@ -375,7 +379,8 @@ def _require_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
-def _require_choice(name: str, value: Any, choices: tuple, *, allow_none: bool = False) -> None:
+def _require_choice(name: str, value: Any, *, allow_none: bool = False) -> None:
+    choices = FIELD_CHOICES[name]
     if isinstance(value, bool) or value not in choices:
         valid = ", ".join(repr(c) for c in choices) + (", None" if allow_none else "")
         raise ValueError(f"{name} must be one of {valid}; got {value!r}.{close_match_hint(value, choices)}")

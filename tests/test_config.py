@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import timm
 import torch
 import torchvision
 import transformers
-from helpers import slow_param
+from helpers import non_default_config_values, slow_param
 
 from resnet_backbone import PRESETS, ResNetBackbone, ResNetConfig
 
@@ -55,15 +56,23 @@ def test_config_json_written_here_reads_in_transformers_as_the_same_config(tmp_p
         assert _as_json(getattr(theirs, name)) == _as_json(getattr(ours, name)), name
 
 
-def test_dict_and_json_round_trip_every_field(tmp_path):
+def test_dict_and_json_round_trip_many_fields_together(tmp_path):
     config = ResNetConfig.from_preset(
         "resnext50_32x4d", stem_type="deep", avg_down=True, output_stride=16, norm_layer="group", freeze_at=2,
         norm_eval=True, zero_init_residual=True, drop_path_rate=0.1, out_features=["stage2", "stage3"],
-        id2label={0: "a", 1: "b"},
+        id2label={0: "a", 1: "b"}, dilation_rule="mmseg",
     )  # fmt: skip
     assert ResNetConfig.from_dict(config.to_dict()) == config
     config.to_json_file(tmp_path / "config.json")
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "resnet"
+    assert ResNetConfig.from_json_file(tmp_path / "config.json") == config
+
+
+@pytest.mark.parametrize(("name", "value"), non_default_config_values().items(), ids=str)
+def test_every_field_round_trips_through_dict_and_json(name, value, tmp_path):
+    config = ResNetConfig(**{name: value})
+    assert ResNetConfig.from_dict(config.to_dict()) == config
+    config.to_json_file(tmp_path / "config.json")
     assert ResNetConfig.from_json_file(tmp_path / "config.json") == config
 
 
@@ -197,8 +206,10 @@ def test_fuzzed_configs_either_build_or_raise_value_error():
         st.dictionaries(st.integers(-1, 3), st.text(max_size=3), max_size=3),
     )  # fmt: skip
 
+    field_names = [field.name for field in dataclasses.fields(ResNetConfig)]
+
     @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-    @given(st.dictionaries(st.sampled_from(_FIELDS), any_value, max_size=5))
+    @given(st.dictionaries(st.sampled_from(field_names), any_value, max_size=5))
     def check(overrides: dict) -> None:
         try:
             config = ResNetConfig(**overrides)
