@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from .hints import close_match_hint
+from .hints import close_match, close_match_hint
 from .out_features import align_out_features
 from .presets import preset_overrides
 from .specs import stage_specs
@@ -138,17 +138,13 @@ class ResNetConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ResNetConfig:
         """Config of a named architecture (``"resnet50"``, ``"resnext50_32x4d"``, ...) with overrides."""
-        return cls(**{**preset_overrides(name), **overrides})
+        fields_of_preset = preset_overrides(name)
+        check_field_names(overrides)
+        return cls(**{**fields_of_preset, **overrides})
 
     def with_overrides(self, **overrides: Any) -> ResNetConfig:
         """A validated copy with some fields replaced; an unknown field name is an error."""
-        unknown = set(overrides) - _FIELD_NAMES
-        if unknown:
-            name = sorted(unknown)[0]
-            raise ValueError(
-                f"Unknown ResNetConfig field {name!r}.{close_match_hint(name, _FIELD_NAMES)} "
-                f"Valid fields: {', '.join(sorted(_FIELD_NAMES))}."
-            )
+        check_field_names(overrides)
         for linked in _LINKED_FIELDS:
             if any(name in overrides for name in linked):
                 # A new value given one way replaces the old one given another way.
@@ -349,6 +345,24 @@ class ResNetConfig:
 
 
 _FIELD_NAMES = {f.name for f in fields(ResNetConfig)}
+
+
+def check_field_names(names: Iterable[str]) -> None:
+    """Raise a ValueError naming each of ``names`` that is not a ``ResNetConfig`` field, with its close match
+    and the valid fields: every entry point that takes config overrides calls it first, so a typo fails
+    before any work, with the same message everywhere (not a bare TypeError from the constructor)."""
+    unknown = sorted(set(names) - _FIELD_NAMES)
+    if unknown:
+        described = [
+            f"{name!r} (did you mean {match!r}?)" if (match := close_match(name, _FIELD_NAMES)) else repr(name)
+            for name in unknown
+        ]
+        raise ValueError(
+            f"Unknown ResNetConfig field{'s' if len(unknown) > 1 else ''} {', '.join(described)}. "
+            f"Valid fields: {', '.join(sorted(_FIELD_NAMES))}."
+        )
+
+
 # Fields that describe one thing together: overriding one of them re-derives the others.
 _LINKED_FIELDS = (("out_features", "out_indices"), ("num_labels", "id2label", "label2id"))
 

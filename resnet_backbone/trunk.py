@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import Self
 
 from .blocks import _ResidualLayer
-from .config import ResNetConfig
+from .config import ResNetConfig, check_field_names
 from .hints import close_match_hint
 from .layers import NORM_TYPES
 from .presets import PRESETS
@@ -78,6 +78,7 @@ class ResNetPreTrainedModel(nn.Module):
         (e.g. ``microsoft/resnet-50``) and torchvision / timm state dicts; ``overrides`` (such as
         ``out_features``) apply on top of the stored config. See :func:`load_checkpoint` for ``strict``.
         """
+        check_field_names(overrides)
         config_path, weights_path = locate_checkpoint(
             path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
@@ -92,6 +93,7 @@ class ResNetPreTrainedModel(nn.Module):
     def from_torchvision(cls, source: Any, *, strict: bool = True, **overrides: Any) -> Self:
         """Load torchvision weights: a model, a state dict, a checkpoint path, or a weights enum or its name
         (``"ResNet50_Weights.IMAGENET1K_V2"``, downloaded through torchvision's own loader and cache)."""
+        check_field_names(overrides)
         checkpoint = torchvision_checkpoint(source)
         config = infer_config(checkpoint.state_dict, **{**checkpoint.config_fields, **overrides})
         return cls._from_checkpoint(config, checkpoint, strict)
@@ -100,6 +102,7 @@ class ResNetPreTrainedModel(nn.Module):
     def from_timm(cls, source: Any, *, strict: bool = True, **overrides: Any) -> Self:
         """Load timm weights: a model, a state dict, a checkpoint path, or a timm name with a pretrained tag
         (``"resnet50.a1_in1k"``, downloaded through timm's own pretrained loading)."""
+        check_field_names(overrides)
         checkpoint = timm_checkpoint(source)
         config = infer_config(checkpoint.state_dict, **{**checkpoint.config_fields, **overrides})
         return cls._from_checkpoint(config, checkpoint, strict)

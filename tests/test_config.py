@@ -6,13 +6,15 @@ import dataclasses
 import json
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torchvision
 import transformers
-from helpers import non_default_config_values, slow_param
+from helpers import TINY_BASIC, non_default_config_values, slow_param
 
 from resnet_backbone import PRESETS, ResNetBackbone, ResNetConfig
+from resnet_backbone.weights import infer_config
 
 TRANSFORMERS_FIELDS = [
     "num_channels", "embedding_size", "hidden_sizes", "depths", "layer_type", "hidden_act",
@@ -181,16 +183,42 @@ def test_bad_values_are_value_errors_naming_the_field(overrides, field):
 
 
 def test_unknown_override_names_the_closest_field():
-    with pytest.raises(ValueError, match="Did you mean 'groups'"):
+    with pytest.raises(ValueError, match=r"Unknown ResNetConfig field 'grups' \(did you mean 'groups'\?\)"):
         ResNetBackbone(grups=32)
+    with pytest.raises(ValueError, match=r"fields 'grups' \(did you mean 'groups'\?\), 'zzz'\. Valid fields: "):
+        ResNetConfig().with_overrides(zzz=1, grups=32)
 
 
-_FIELDS = [
-    "num_channels", "embedding_size", "hidden_sizes", "depths", "layer_type", "hidden_act",
-    "downsample_in_first_stage", "downsample_in_bottleneck", "out_features", "out_indices", "groups",
-    "width_per_group", "stem_type", "avg_down", "output_stride", "norm_layer", "freeze_at", "norm_eval",
-    "zero_init_residual", "drop_path_rate", "num_labels", "id2label", "label2id", "problem_type",
-]  # fmt: skip
+def test_an_unknown_override_is_the_same_clear_error_at_every_entry_point_before_any_work(tmp_path):
+    model = ResNetBackbone(**TINY_BASIC)
+    model.save_pretrained(tmp_path / "saved")
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "weights.safetensors")
+    missing = tmp_path / "not-there"  # the typo is reported before any file is looked for
+    typo = dict(out_featurs=["stage2"])
+    entry_points = {
+        "ResNetConfig.from_preset": lambda: ResNetConfig.from_preset("resnet18", **typo),
+        "ResNetConfig.with_overrides": lambda: ResNetConfig().with_overrides(**typo),
+        "ResNetConfig.from_dict": lambda: ResNetConfig.from_dict(ResNetConfig().to_dict(), **typo),
+        "ResNetBackbone()": lambda: ResNetBackbone(**typo),
+        "ResNetBackbone.from_preset": lambda: ResNetBackbone.from_preset("resnet18", **typo),
+        "ResNetBackbone.load(preset)": lambda: ResNetBackbone.load("resnet18", **typo),
+        "ResNetBackbone.load(directory)": lambda: ResNetBackbone.load(tmp_path / "saved", **typo),
+        "from_pretrained(weights file)": lambda: ResNetBackbone.from_pretrained(
+            tmp_path / "weights.safetensors", **typo
+        ),
+        "from_pretrained(missing)": lambda: ResNetBackbone.from_pretrained(missing, **typo),
+        "from_torchvision": lambda: ResNetBackbone.from_torchvision(missing, **typo),
+        "from_timm": lambda: ResNetBackbone.from_timm(missing, **typo),
+        "infer_config": lambda: infer_config(model.state_dict(), **typo),
+    }
+    messages = {}
+    for entry_point, call in entry_points.items():
+        with pytest.raises(ValueError) as error:
+            call()
+        messages[entry_point] = str(error.value)
+    expected = "Unknown ResNetConfig field 'out_featurs' (did you mean 'out_features'?). Valid fields: "
+    assert all(message.startswith(expected) for message in messages.values()), messages
+    assert len(set(messages.values())) == 1
 
 
 @pytest.mark.slow
