@@ -54,8 +54,8 @@ class ResNetPreTrainedModel(nn.Module):
             return cls.from_preset(source, **overrides)
         if isinstance(source, str) and not os.path.exists(source) and "/" not in source:
             raise ValueError(
-                f"{source!r} is neither a preset{close_match_hint(source, PRESETS)} nor an existing path or Hub "
-                f"repo id. Presets: {', '.join(PRESETS)}."
+                f"{source!r} is neither a preset nor an existing path or Hub repo id."
+                f"{close_match_hint(source, PRESETS)} Presets: {', '.join(PRESETS)}."
             )
         return cls.from_pretrained(source, **overrides)
 

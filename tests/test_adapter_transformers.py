@@ -178,8 +178,13 @@ def test_config_errors_are_resnet_configs():
         rbt.backbone_config("resnet50", out_features=["stag2"])
     with pytest.raises(ValueError, match="norm_layer"):
         rbt.backbone_config("resnet50", norm_layer="instance")
-    with pytest.raises(ValueError, match="neither a preset.*resnet50"):
+    neither = r"^'resnet5O' is neither a preset nor an existing path or Hub repo id\. Did you mean 'resnet50'\? "
+    with pytest.raises(ValueError, match=neither + "Presets: resnet18, "):
         rbt.backbone_config("resnet5O")
+    unknown = r"^Unknown ResNetConfig field 'out_featurs' \(did you mean 'out_features'\?\)\. Valid fields: "
+    for source in ("resnet18", ResNetConfig.from_preset("resnet18")):
+        with pytest.raises(ValueError, match=unknown):
+            rbt.backbone_config(source, out_featurs=["stage2"])
 
 
 def test_importing_again_registers_nothing_and_warns_nothing(recwarn):
