@@ -13,6 +13,7 @@ transformers' name-based steps (DETR's stage freezing) treat both alike.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -45,11 +46,26 @@ __all__ = [
 ]
 
 MODEL_TYPE = "resnet_backbone"
-# ResNetConfig fields that PreTrainedConfig already has, under the same names and meanings.
-_GENERIC_FIELDS = ("id2label", "label2id", "problem_type", "output_hidden_states", "return_dict", "architectures")
 
 
-class TransformersResNetConfig(BackboneConfigMixin, PreTrainedConfig):
+def _fields_transformers_lacks() -> list[tuple[str, Any, Any]]:
+    """The ``ResNetConfig`` fields that transformers' configs do not already have (the architecture; its
+    ``id2label``, ``out_features`` and the other generic ones come from ``PreTrainedConfig`` and
+    ``BackboneConfigMixin``), with their types and defaults: read from ``ResNetConfig`` itself, so a field
+    added there is a field here too."""
+    return [
+        (field.name, field.type, dataclasses.field(default=field.default, default_factory=field.default_factory))
+        for field in dataclasses.fields(ResNetConfig)
+        if not any(hasattr(base, field.name) for base in (PreTrainedConfig, BackboneConfigMixin))
+    ]
+
+
+# A base whose dataclass fields TransformersResNetConfig inherits (PreTrainedConfig makes every subclass a
+# dataclass, which collects the fields of its dataclass bases).
+_ResNetConfigFields = dataclasses.make_dataclass("_ResNetConfigFields", _fields_transformers_lacks(), kw_only=True)
+
+
+class TransformersResNetConfig(BackboneConfigMixin, PreTrainedConfig, _ResNetConfigFields):
     """``ResNetConfig`` as a transformers backbone config: the same fields, plus ``pretrained_weights``.
 
     ``pretrained_weights`` is where the backbone's weights come from (anything ``ResNetBackbone.from_pretrained``
@@ -60,24 +76,6 @@ class TransformersResNetConfig(BackboneConfigMixin, PreTrainedConfig):
 
     model_type = MODEL_TYPE
 
-    num_channels: int = 3
-    embedding_size: int = 64
-    hidden_sizes: list[int] | tuple[int, ...] = (256, 512, 1024, 2048)
-    depths: list[int] | tuple[int, ...] = (3, 4, 6, 3)
-    layer_type: str = "bottleneck"
-    hidden_act: str = "relu"
-    downsample_in_first_stage: bool = False
-    downsample_in_bottleneck: bool = False
-    groups: int = 1
-    width_per_group: int = 64
-    stem_type: str = "default"
-    avg_down: bool = False
-    output_stride: int | None = None
-    norm_layer: str = "batch"
-    freeze_at: int = 0
-    norm_eval: bool = False
-    zero_init_residual: bool = False
-    drop_path_rate: float = 0.0
     pretrained_weights: str | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -102,16 +100,7 @@ class TransformersResNetConfig(BackboneConfigMixin, PreTrainedConfig):
 
     def to_resnet_config(self) -> ResNetConfig:
         """The same network as this project's config (``pretrained_weights`` is not part of it)."""
-        architecture = {name: getattr(self, name) for name in _ARCHITECTURE_FIELDS}
-        generic = {name: getattr(self, name) for name in _GENERIC_FIELDS}
-        return ResNetConfig(**architecture, **generic, out_features=self.out_features)
-
-
-_ARCHITECTURE_FIELDS = [
-    name
-    for name in TransformersResNetConfig.__dataclass_fields__
-    if name in ResNetConfig.__dataclass_fields__ and name not in _GENERIC_FIELDS
-]
+        return ResNetConfig(**{field.name: getattr(self, field.name) for field in dataclasses.fields(ResNetConfig)})
 
 
 class TransformersResNetBackbone(BackboneMixin, PreTrainedModel):

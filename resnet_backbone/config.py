@@ -9,27 +9,31 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from .hints import close_match_hint
+from .hints import close_match, close_match_hint
 from .out_features import align_out_features
 from .presets import preset_overrides
 from .specs import stage_specs
 
-LAYER_TYPES = ("basic", "bottleneck")
-HIDDEN_ACTS = ("relu", "gelu", "gelu_new", "silu", "swish", "selu")
-STEM_TYPES = ("default", "deep")
-NORM_LAYERS = ("batch", "frozen_batch", "sync_batch", "group")
-OUTPUT_STRIDES = (8, 16, 32)
-DILATION_RULES = ("timm", "mmdet", "mmseg")
+# The fields that take one of a few values (output_stride and problem_type may also be None): validation and
+# the tests that try every field read them here.
+FIELD_CHOICES: dict[str, tuple] = {
+    "layer_type": ("basic", "bottleneck"),
+    "hidden_act": ("relu", "gelu", "gelu_new", "silu", "swish", "selu"),
+    "stem_type": ("default", "deep"),
+    "output_stride": (8, 16, 32),
+    "dilation_rule": ("timm", "mmdet", "mmseg"),
+    "norm_layer": ("batch", "frozen_batch", "sync_batch", "group"),
+    "problem_type": ("regression", "single_label_classification", "multi_label_classification"),
+}
 TRANSFORMERS_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish")
 # Marks config.json files that transformers must not load: see ResNetConfig.to_json_string.
 EXTENSION_MARKER = "resnet_backbone:"
-PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 GROUP_NORM_GROUPS = 32
 
 # Keys that transformers writes into config.json but that do not change the network.
@@ -134,17 +138,13 @@ class ResNetConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ResNetConfig:
         """Config of a named architecture (``"resnet50"``, ``"resnext50_32x4d"``, ...) with overrides."""
-        return cls(**{**preset_overrides(name), **overrides})
+        fields_of_preset = preset_overrides(name)
+        check_field_names(overrides)
+        return cls(**{**fields_of_preset, **overrides})
 
     def with_overrides(self, **overrides: Any) -> ResNetConfig:
         """A validated copy with some fields replaced; an unknown field name is an error."""
-        unknown = set(overrides) - _FIELD_NAMES
-        if unknown:
-            name = sorted(unknown)[0]
-            raise ValueError(
-                f"Unknown ResNetConfig field {name!r}.{close_match_hint(name, _FIELD_NAMES)} "
-                f"Valid fields: {', '.join(sorted(_FIELD_NAMES))}."
-            )
+        check_field_names(overrides)
         for linked in _LINKED_FIELDS:
             if any(name in overrides for name in linked):
                 # A new value given one way replaces the old one given another way.
@@ -243,8 +243,8 @@ class ResNetConfig:
                 f"depths and hidden_sizes must have one entry per stage, got {len(self.depths)} depths "
                 f"{self.depths} and {len(self.hidden_sizes)} hidden_sizes {self.hidden_sizes}."
             )
-        _require_choice("layer_type", self.layer_type, LAYER_TYPES)
-        _require_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
+        _require_choice("layer_type", self.layer_type)
+        _require_choice("hidden_act", self.hidden_act)
         _require_bool("downsample_in_first_stage", self.downsample_in_first_stage)
         _require_bool("downsample_in_bottleneck", self.downsample_in_bottleneck)
 
@@ -263,14 +263,14 @@ class ResNetConfig:
                         f"hidden_sizes entry {hidden_size} is too small for a bottleneck with groups="
                         f"{self.groups}, width_per_group={self.width_per_group}: its inner width would be 0."
                     )
-        _require_choice("stem_type", self.stem_type, STEM_TYPES)
+        _require_choice("stem_type", self.stem_type)
         if self.stem_type == "deep" and self.embedding_size < 2:
             raise ValueError(f"stem_type='deep' needs embedding_size >= 2, got {self.embedding_size}.")
         _require_bool("avg_down", self.avg_down)
         if self.output_stride is not None:
-            _require_choice("output_stride", self.output_stride, OUTPUT_STRIDES, allow_none=True)
-        _require_choice("dilation_rule", self.dilation_rule, DILATION_RULES)
-        _require_choice("norm_layer", self.norm_layer, NORM_LAYERS)
+            _require_choice("output_stride", self.output_stride, allow_none=True)
+        _require_choice("dilation_rule", self.dilation_rule)
+        _require_choice("norm_layer", self.norm_layer)
         if self.norm_layer == "group":
             uneven = [c for c in self.normalized_channels() if c % GROUP_NORM_GROUPS]
             if uneven:
@@ -322,7 +322,7 @@ class ResNetConfig:
             raise ValueError(f"label2id must map label names to indices, got {self.label2id!r}.")
         self.label2id = dict(self.label2id)
         if self.problem_type is not None:
-            _require_choice("problem_type", self.problem_type, PROBLEM_TYPES)
+            _require_choice("problem_type", self.problem_type)
 
     # ---------------------------------------------------------------- derived widths
 
@@ -345,6 +345,24 @@ class ResNetConfig:
 
 
 _FIELD_NAMES = {f.name for f in fields(ResNetConfig)}
+
+
+def check_field_names(names: Iterable[str]) -> None:
+    """Raise a ValueError naming each of ``names`` that is not a ``ResNetConfig`` field, with its close match
+    and the valid fields: every entry point that takes config overrides calls it first, so a typo fails
+    before any work, with the same message everywhere (not a bare TypeError from the constructor)."""
+    unknown = sorted(set(names) - _FIELD_NAMES)
+    if unknown:
+        described = [
+            f"{name!r} (did you mean {match!r}?)" if (match := close_match(name, _FIELD_NAMES)) else repr(name)
+            for name in unknown
+        ]
+        raise ValueError(
+            f"Unknown ResNetConfig field{'s' if len(unknown) > 1 else ''} {', '.join(described)}. "
+            f"Valid fields: {', '.join(sorted(_FIELD_NAMES))}."
+        )
+
+
 # Fields that describe one thing together: overriding one of them re-derives the others.
 _LINKED_FIELDS = (("out_features", "out_indices"), ("num_labels", "id2label", "label2id"))
 
@@ -375,7 +393,8 @@ def _require_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
-def _require_choice(name: str, value: Any, choices: tuple, *, allow_none: bool = False) -> None:
+def _require_choice(name: str, value: Any, *, allow_none: bool = False) -> None:
+    choices = FIELD_CHOICES[name]
     if isinstance(value, bool) or value not in choices:
         valid = ", ".join(repr(c) for c in choices) + (", None" if allow_none else "")
         raise ValueError(f"{name} must be one of {valid}; got {value!r}.{close_match_hint(value, choices)}")

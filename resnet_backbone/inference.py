@@ -43,6 +43,10 @@ DENSE_PART_NAMES = (
 )  # fmt: skip
 
 Model = TypeVar("Model", bound=nn.Module)
+_MODELS_IT_TAKES = (
+    "a ResNetBackbone, ResNetModel, ResNetForImageClassification or a whole model around one (a ResNetFPN, "
+    "torchvision's detectors and segmenters, a segmentation_models_pytorch model with a tu-rb_* encoder)"
+)
 
 
 def optimize_for_inference(
@@ -80,9 +84,13 @@ def optimize_for_inference(
     """
     if not isinstance(model, nn.Module) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError(
-            "optimize_for_inference takes a ResNetBackbone, ResNetModel, ResNetForImageClassification or a whole "
-            f"detector or segmenter (an nn.Module), got {type(model).__name__}. Pass the model itself, before any "
-            "torch.compile or wrapper."
+            f"optimize_for_inference takes {_MODELS_IT_TAKES}, got {type(model).__name__}. Pass the model itself, "
+            "before any torch.compile or wrapper."
+        )
+    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        raise TypeError(
+            f"optimize_for_inference found nothing to optimise in {type(model).__name__}: it has no convolution. It "
+            f"takes {_MODELS_IT_TAKES}."
         )
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be None or one of {', '.join(map(str, DTYPES))}, got {dtype}.")

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import Self
 
 from .blocks import _ResidualLayer
-from .config import ResNetConfig
+from .config import ResNetConfig, check_field_names
 from .hints import close_match_hint
 from .layers import NORM_TYPES
 from .presets import PRESETS
@@ -29,6 +29,9 @@ from .weights.export import peer_state_dict
 from .weights.files import locate_checkpoint, read_state_dict, write_checkpoint
 from .weights.loading import LoadReport, load_checkpoint
 from .weights.sources import Checkpoint, timm_checkpoint, torchvision_checkpoint
+
+# The input dtypes that torch.autocast casts to its own (it leaves float64 as it is).
+AUTOCAST_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class ResNetPreTrainedModel(nn.Module):
@@ -54,8 +57,8 @@ class ResNetPreTrainedModel(nn.Module):
             return cls.from_preset(source, **overrides)
         if isinstance(source, str) and not os.path.exists(source) and "/" not in source:
             raise ValueError(
-                f"{source!r} is neither a preset{close_match_hint(source, PRESETS)} nor an existing path or Hub "
-                f"repo id. Presets: {', '.join(PRESETS)}."
+                f"{source!r} is neither a preset nor an existing path or Hub repo id."
+                f"{close_match_hint(source, PRESETS)} Presets: {', '.join(PRESETS)}."
             )
         return cls.from_pretrained(source, **overrides)
 
@@ -78,6 +81,7 @@ class ResNetPreTrainedModel(nn.Module):
         (e.g. ``microsoft/resnet-50``) and torchvision / timm state dicts; ``overrides`` (such as
         ``out_features``) apply on top of the stored config. See :func:`load_checkpoint` for ``strict``.
         """
+        check_field_names(overrides)
         config_path, weights_path = locate_checkpoint(
             path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
@@ -92,6 +96,7 @@ class ResNetPreTrainedModel(nn.Module):
     def from_torchvision(cls, source: Any, *, strict: bool = True, **overrides: Any) -> Self:
         """Load torchvision weights: a model, a state dict, a checkpoint path, or a weights enum or its name
         (``"ResNet50_Weights.IMAGENET1K_V2"``, downloaded through torchvision's own loader and cache)."""
+        check_field_names(overrides)
         checkpoint = torchvision_checkpoint(source)
         config = infer_config(checkpoint.state_dict, **{**checkpoint.config_fields, **overrides})
         return cls._from_checkpoint(config, checkpoint, strict)
@@ -100,6 +105,7 @@ class ResNetPreTrainedModel(nn.Module):
     def from_timm(cls, source: Any, *, strict: bool = True, **overrides: Any) -> Self:
         """Load timm weights: a model, a state dict, a checkpoint path, or a timm name with a pretrained tag
         (``"resnet50.a1_in1k"``, downloaded through timm's own pretrained loading)."""
+        check_field_names(overrides)
         checkpoint = timm_checkpoint(source)
         config = infer_config(checkpoint.state_dict, **{**checkpoint.config_fields, **overrides})
         return cls._from_checkpoint(config, checkpoint, strict)
@@ -227,7 +233,7 @@ class ResNetTrunk(ResNetPreTrainedModel):
 
         Each stage is recomputed in the backward pass under gradient checkpointing unless it is frozen.
         """
-        check_pixel_values(pixel_values, self.config.num_channels)
+        check_pixel_values(pixel_values, self.config.num_channels, weights_dtype=next(self.embedder.parameters()).dtype)
         last_index = self.num_built_stages if last_index is None else last_index
         if last_index > self.num_built_stages:
             raise ValueError(
@@ -310,8 +316,15 @@ def _running_stats_restored(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
-    """Reject input that is not a (batch, channels, height, width) float tensor, saying how to fix it."""
+def check_pixel_values(pixel_values: Any, num_channels: int, *, weights_dtype: torch.dtype | None = None) -> None:
+    """Reject input that is not a (batch, channels, height, width) float tensor, saying how to fix it.
+
+    Args:
+        pixel_values: the model's input.
+        num_channels: the channels the model expects (``config.num_channels``).
+        weights_dtype: the dtype of the model's weights, which the input must have (convolutions take one
+            dtype), except that under ``torch.autocast`` any dtype it casts will do; ``None``: any float dtype.
+    """
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
     shape = tuple(pixel_values.shape)
@@ -326,6 +339,8 @@ def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
             f"pixel_values must be a floating point tensor, got dtype {pixel_values.dtype}. Convert and normalise "
             "it first, e.g. pixel_values.float() / 255 followed by the mean/std normalisation of the weights."
         )
+    if weights_dtype is not None:
+        _check_dtype(pixel_values, weights_dtype)
     if shape[1] != num_channels:
         hint = (
             f" It looks channels-last (batch, height, width, {num_channels}): use pixel_values.permute(0, 3, 1, 2)."
@@ -336,3 +351,17 @@ def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
             f"pixel_values must have {num_channels} channels in dimension 1 (batch, {num_channels}, height, width), "
             f"got shape {shape}.{hint}"
         )
+
+
+def _check_dtype(pixel_values: torch.Tensor, weights_dtype: torch.dtype) -> None:
+    if pixel_values.dtype == weights_dtype:
+        return
+    device_type = pixel_values.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and pixel_values.dtype in AUTOCAST_INPUT_DTYPES:
+        return
+    raise TypeError(
+        f"pixel_values must have the dtype of the model's weights, {weights_dtype}"
+        f"{' (or, under the enabled torch.autocast, float32, bfloat16 or float16)' if autocast else ''}, got "
+        f"{pixel_values.dtype}. Cast it with pixel_values.to({weights_dtype})."
+    )

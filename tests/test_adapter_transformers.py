@@ -12,7 +12,15 @@ import pytest
 import timm
 import torch
 import transformers
-from helpers import TINY_BOTTLENECK, max_abs_diff, place_in_hub_cache, randomize_norms, run_python, slow_param
+from helpers import (
+    TINY_BOTTLENECK,
+    max_abs_diff,
+    non_default_config_values,
+    place_in_hub_cache,
+    randomize_norms,
+    run_python,
+    slow_param,
+)
 from torch import nn
 from transformers import (
     AutoBackbone,
@@ -155,19 +163,14 @@ def small_images(height: int = 96, width: int = 96) -> torch.Tensor:
 # ---------------------------------------------------------------- config and registration
 
 
-def test_every_resnet_config_field_round_trips():
-    config = ResNetConfig.from_preset(
-        "resnext50_32x4d", stem_type="deep", avg_down=True, output_stride=16, norm_layer="group", freeze_at=2,
-        norm_eval=True, zero_init_residual=True, drop_path_rate=0.1, hidden_act="gelu", num_channels=4,
-        downsample_in_first_stage=True, downsample_in_bottleneck=True, out_features=["stage1", "stage3"],
-        id2label={0: "cat", 1: "dog", 2: "bird"}, problem_type="multi_label_classification",
-        output_hidden_states=True, return_dict=False, architectures=["ResNetBackbone"],
-    )  # fmt: skip
+@pytest.mark.parametrize(("name", "value"), non_default_config_values().items(), ids=str)
+def test_every_resnet_config_field_round_trips(name, value):
+    config = ResNetConfig(**{name: value})
     converted = rbt.backbone_config(config)
     assert converted.to_resnet_config() == config
     reloaded = transformers.AutoConfig.for_model(**json.loads(converted.to_json_string()))
     assert type(reloaded) is rbt.TransformersResNetConfig and reloaded.to_resnet_config() == config
-    assert converted.stage_names == config.stage_names and converted.out_indices == [1, 3]
+    assert (converted.stage_names, converted.out_indices) == (config.stage_names, config.out_indices)
 
 
 def test_config_errors_are_resnet_configs():
@@ -175,8 +178,13 @@ def test_config_errors_are_resnet_configs():
         rbt.backbone_config("resnet50", out_features=["stag2"])
     with pytest.raises(ValueError, match="norm_layer"):
         rbt.backbone_config("resnet50", norm_layer="instance")
-    with pytest.raises(ValueError, match="neither a preset.*resnet50"):
+    neither = r"^'resnet5O' is neither a preset nor an existing path or Hub repo id\. Did you mean 'resnet50'\? "
+    with pytest.raises(ValueError, match=neither + "Presets: resnet18, "):
         rbt.backbone_config("resnet5O")
+    unknown = r"^Unknown ResNetConfig field 'out_featurs' \(did you mean 'out_features'\?\)\. Valid fields: "
+    for source in ("resnet18", ResNetConfig.from_preset("resnet18")):
+        with pytest.raises(ValueError, match=unknown):
+            rbt.backbone_config(source, out_featurs=["stage2"])
 
 
 def test_importing_again_registers_nothing_and_warns_nothing(recwarn):

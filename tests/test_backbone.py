@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -152,12 +154,21 @@ def test_forward_is_a_plain_loop_that_traces_without_graph_breaks(images):
 # ---------------------------------------------------------------- bad input
 
 
+_DTYPE_MESSAGE = (
+    r"dtype of the model's weights, torch\.float32, got {}\. Cast it with pixel_values\.to\(torch\.float32\)"
+)
+
+
 @pytest.mark.parametrize(
     ("pixel_values", "error", "message"),
     [
         (torch.randn(3, 64, 64), ValueError, r"4-D \(batch, 3, height, width\), got 3-D.*pixel_values\[None\]"),
         (torch.randn(1, 1, 3, 64, 64), ValueError, "got 5-D"),
         (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), TypeError, r"floating point.*torch.uint8"),
+        *(
+            (torch.randn(1, 3, 64, 64, dtype=dtype), TypeError, _DTYPE_MESSAGE.format(str(dtype).replace(".", r"\.")))
+            for dtype in (torch.float64, torch.float16, torch.bfloat16)
+        ),
         (torch.randn(1, 64, 64, 3), ValueError, r"looks channels-last.*permute\(0, 3, 1, 2\)"),
         (torch.randn(1, 4, 64, 64), ValueError, r"3 channels in dimension 1.*\(1, 4, 64, 64\)"),
         ([[1.0]], TypeError, "torch.Tensor"),
@@ -166,6 +177,22 @@ def test_forward_is_a_plain_loop_that_traces_without_graph_breaks(images):
 def test_bad_input_says_what_was_expected_and_received(pixel_values, error, message):
     with pytest.raises(error, match=message):
         ResNetBackbone(**TINY_BASIC)(pixel_values)
+
+
+def test_a_model_takes_input_in_its_own_dtype_and_under_autocast_any_dtype_autocast_casts(images):
+    model = randomize_norms(ResNetBackbone(**TINY_BASIC).eval())
+    with torch.no_grad():
+        expected = model(images).feature_maps[-1]
+        for dtype in (torch.float64, torch.float16, torch.bfloat16):
+            converted = copy.deepcopy(model).to(dtype)
+            features = converted(images.to(dtype)).feature_maps[-1]
+            assert features.dtype == dtype
+            assert max_abs_diff(features, expected) <= 5e-2 * expected.abs().max()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                assert model(images.to(dtype)).feature_maps[-1].dtype == torch.bfloat16
+            with pytest.raises(TypeError, match=r"torch.float32 \(or, under the enabled torch.autocast, .*float64"):
+                model(images.double())
 
 
 # ---------------------------------------------------------------- fine-tuning options

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torchvision
 import transformers
-from helpers import slow_param
+from helpers import TINY_BASIC, non_default_config_values, slow_param
 
 from resnet_backbone import PRESETS, ResNetBackbone, ResNetConfig
+from resnet_backbone.weights import infer_config
 
 TRANSFORMERS_FIELDS = [
     "num_channels", "embedding_size", "hidden_sizes", "depths", "layer_type", "hidden_act",
@@ -55,15 +58,23 @@ def test_config_json_written_here_reads_in_transformers_as_the_same_config(tmp_p
         assert _as_json(getattr(theirs, name)) == _as_json(getattr(ours, name)), name
 
 
-def test_dict_and_json_round_trip_every_field(tmp_path):
+def test_dict_and_json_round_trip_many_fields_together(tmp_path):
     config = ResNetConfig.from_preset(
         "resnext50_32x4d", stem_type="deep", avg_down=True, output_stride=16, norm_layer="group", freeze_at=2,
         norm_eval=True, zero_init_residual=True, drop_path_rate=0.1, out_features=["stage2", "stage3"],
-        id2label={0: "a", 1: "b"},
+        id2label={0: "a", 1: "b"}, dilation_rule="mmseg",
     )  # fmt: skip
     assert ResNetConfig.from_dict(config.to_dict()) == config
     config.to_json_file(tmp_path / "config.json")
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "resnet"
+    assert ResNetConfig.from_json_file(tmp_path / "config.json") == config
+
+
+@pytest.mark.parametrize(("name", "value"), non_default_config_values().items(), ids=str)
+def test_every_field_round_trips_through_dict_and_json(name, value, tmp_path):
+    config = ResNetConfig(**{name: value})
+    assert ResNetConfig.from_dict(config.to_dict()) == config
+    config.to_json_file(tmp_path / "config.json")
     assert ResNetConfig.from_json_file(tmp_path / "config.json") == config
 
 
@@ -172,16 +183,42 @@ def test_bad_values_are_value_errors_naming_the_field(overrides, field):
 
 
 def test_unknown_override_names_the_closest_field():
-    with pytest.raises(ValueError, match="Did you mean 'groups'"):
+    with pytest.raises(ValueError, match=r"Unknown ResNetConfig field 'grups' \(did you mean 'groups'\?\)"):
         ResNetBackbone(grups=32)
+    with pytest.raises(ValueError, match=r"fields 'grups' \(did you mean 'groups'\?\), 'zzz'\. Valid fields: "):
+        ResNetConfig().with_overrides(zzz=1, grups=32)
 
 
-_FIELDS = [
-    "num_channels", "embedding_size", "hidden_sizes", "depths", "layer_type", "hidden_act",
-    "downsample_in_first_stage", "downsample_in_bottleneck", "out_features", "out_indices", "groups",
-    "width_per_group", "stem_type", "avg_down", "output_stride", "norm_layer", "freeze_at", "norm_eval",
-    "zero_init_residual", "drop_path_rate", "num_labels", "id2label", "label2id", "problem_type",
-]  # fmt: skip
+def test_an_unknown_override_is_the_same_clear_error_at_every_entry_point_before_any_work(tmp_path):
+    model = ResNetBackbone(**TINY_BASIC)
+    model.save_pretrained(tmp_path / "saved")
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "weights.safetensors")
+    missing = tmp_path / "not-there"  # the typo is reported before any file is looked for
+    typo = dict(out_featurs=["stage2"])
+    entry_points = {
+        "ResNetConfig.from_preset": lambda: ResNetConfig.from_preset("resnet18", **typo),
+        "ResNetConfig.with_overrides": lambda: ResNetConfig().with_overrides(**typo),
+        "ResNetConfig.from_dict": lambda: ResNetConfig.from_dict(ResNetConfig().to_dict(), **typo),
+        "ResNetBackbone()": lambda: ResNetBackbone(**typo),
+        "ResNetBackbone.from_preset": lambda: ResNetBackbone.from_preset("resnet18", **typo),
+        "ResNetBackbone.load(preset)": lambda: ResNetBackbone.load("resnet18", **typo),
+        "ResNetBackbone.load(directory)": lambda: ResNetBackbone.load(tmp_path / "saved", **typo),
+        "from_pretrained(weights file)": lambda: ResNetBackbone.from_pretrained(
+            tmp_path / "weights.safetensors", **typo
+        ),
+        "from_pretrained(missing)": lambda: ResNetBackbone.from_pretrained(missing, **typo),
+        "from_torchvision": lambda: ResNetBackbone.from_torchvision(missing, **typo),
+        "from_timm": lambda: ResNetBackbone.from_timm(missing, **typo),
+        "infer_config": lambda: infer_config(model.state_dict(), **typo),
+    }
+    messages = {}
+    for entry_point, call in entry_points.items():
+        with pytest.raises(ValueError) as error:
+            call()
+        messages[entry_point] = str(error.value)
+    expected = "Unknown ResNetConfig field 'out_featurs' (did you mean 'out_features'?). Valid fields: "
+    assert all(message.startswith(expected) for message in messages.values()), messages
+    assert len(set(messages.values())) == 1
 
 
 @pytest.mark.slow
@@ -197,8 +234,10 @@ def test_fuzzed_configs_either_build_or_raise_value_error():
         st.dictionaries(st.integers(-1, 3), st.text(max_size=3), max_size=3),
     )  # fmt: skip
 
+    field_names = [field.name for field in dataclasses.fields(ResNetConfig)]
+
     @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-    @given(st.dictionaries(st.sampled_from(_FIELDS), any_value, max_size=5))
+    @given(st.dictionaries(st.sampled_from(field_names), any_value, max_size=5))
     def check(overrides: dict) -> None:
         try:
             config = ResNetConfig(**overrides)

@@ -165,6 +165,9 @@ def test_group_norm_is_kept_because_it_depends_on_the_input(images):
 def test_unsupported_models_dtypes_and_inputs_are_clear_errors():
     with pytest.raises(TypeError, match="takes a ResNetBackbone.*got str"):
         optimize_for_inference("resnet18")
+    for nothing_to_optimise in (nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))):
+        with pytest.raises(TypeError, match=r"nothing to optimise in .*no convolution\. It takes a ResNetBackbone"):
+            optimize_for_inference(nothing_to_optimise)
     with pytest.raises(ValueError, match="dtype must be None or one of torch.float32, torch.bfloat16"):
         optimize_for_inference(backbone(**TINY_BASIC), dtype=torch.float64)
     optimized = optimize_for_inference(backbone(**TINY_BASIC), dtype=torch.bfloat16)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..config import ResNetConfig
+from ..config import ResNetConfig, check_field_names
 from ..presets import PRESETS
 from .layouts import NAMINGS, PeerLayout, to_canonical
 
@@ -27,6 +27,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> Re
     input channels, norm type (batch or group) and the classifier size; avg_down too for timm keys
     (transformers' layout cannot show it: an average pool has no weights).
     """
+    check_field_names(overrides)
     canonical, layout = to_canonical(state_dict)
     fields: dict[str, Any] = dict(avg_down=bool(layout and layout.avg_down))
     fields.update(_stem_fields(canonical))
