@@ -6,16 +6,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import onnx
 import pytest
 import timm
 import torch
 import torchvision
 import transformers
-from helpers import max_abs_diff, randomize_norms
+from helpers import TINY_BASIC, max_abs_diff, randomize_norms
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from resnet_backbone import ResNetConfig, ResNetModel
+from resnet_backbone import ResNetBackbone, ResNetConfig, ResNetModel
 from resnet_backbone.cli.main import main
 
 
@@ -111,14 +112,28 @@ def test_info_errors_are_short_and_actionable(args, message, run_cli):
         (["export-onnx", "resnet18", "/nonexistent/dir/o.onnx"], "the folder /nonexistent/dir does not exist"),
         (["export-onnx", "resnet18", "{tmp}"], "is a folder; expected a file path"),
         (["export-onnx", "resnet5", "{tmp}/o.onnx"], "Did you mean 'resnet50'"),
+        (["export-onnx", "resnet18", "{file}"], "{file} already exists; pass --overwrite to replace it"),
+        (["export-onnx", "resnet18", "{tmp}/o.onnx", "--opset", "11"],
+         "ONNX opset 11 is not supported: the exporter writes opsets 16 to"),
+        (["convert", "{tmp}/src", "{file}", "--to", "timm"], "{file} already exists; pass --overwrite to replace it"),
+        (["convert", "{tmp}/src", "{tmp}"], "{tmp}/config.json already exists; pass --overwrite to replace it"),
+        (["convert", "{tmp}/config.json", "{tmp}/out"],
+         "{tmp}/config.json is a JSON file, not a checkpoint: expected a weights file "
+         "(.safetensors/.bin/.pth/.pt/.ckpt) or a folder with config.json and model.safetensors"),
+        (["convert", "{tmp}/folder", "{tmp}/out.pth", "--from", "timm", "--to", "timm"],
+         "--from timm takes a timm model name (e.g. resnet50.a1_in1k) or a checkpoint file, got {tmp}/folder, a "
+         "folder"),
     ],
-)
+)  # fmt: skip
 def test_every_verb_ends_a_user_error_with_one_line_and_exit_code_2(tmp_path, capsys, args, message):
     file = tmp_path / "bad.safetensors"
     file.write_bytes(b"not a checkpoint")
+    ResNetConfig.from_preset("resnet18").to_json_file(tmp_path / "config.json")
+    (tmp_path / "folder").mkdir()
     before = sorted(tmp_path.rglob("*"))
     code = main([arg.format(tmp=tmp_path, file=file) for arg in args])
     error = capsys.readouterr().err
+    message = message.format(tmp=tmp_path, file=file)
     assert code == 2 and message in error, error
     assert error.count("\n") == 1 and "Traceback" not in error
     assert sorted(tmp_path.rglob("*")) == before  # nothing was written
@@ -161,3 +176,46 @@ def test_convert_refuses_what_the_target_cannot_hold(tmp_path, run_cli):
     code, _, stderr = run_cli("convert", str(tmp_path / "resnet50d"), str(tmp_path / "out.pth"), "--to", "torchvision")
     assert code == 2 and "torchvision cannot represent resnet50d" in stderr
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_convert_replaces_an_earlier_output_only_with_overwrite(tmp_path, run_cli):
+    tiny = {**TINY_BASIC, "embedding_size": 64}  # timm's stem is 64 wide
+    ResNetModel(**tiny).save_pretrained(tmp_path / "source")
+    ResNetModel(**tiny).save_pretrained(tmp_path / "hf")
+    (tmp_path / "timm.safetensors").write_bytes(b"an earlier conversion")
+    earlier = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for destination, target in [(tmp_path / "hf", "hf"), (tmp_path / "timm.safetensors", "timm")]:
+        code, _, stderr = run_cli("convert", str(tmp_path / "source"), str(destination), "--to", target)
+        existing = destination / "config.json" if target == "hf" else destination
+        assert (code, stderr) == (2, f"resnet-backbone convert: error: {existing} already exists; pass --overwrite "
+                                     f"to replace it\n")  # fmt: skip
+    assert {path: path.read_bytes() for path in earlier} == earlier
+    for destination, target in [(tmp_path / "hf", "hf"), (tmp_path / "timm.safetensors", "timm")]:
+        code, _, stderr = run_cli("convert", str(tmp_path / "source"), str(destination), "--to", target, "--overwrite")
+        assert code == 0, stderr
+    assert load_file(tmp_path / "timm.safetensors")  # a checkpoint now, where the earlier bytes were
+    source, replaced = (load_file(tmp_path / folder / "model.safetensors") for folder in ("source", "hf"))
+    assert all(torch.equal(replaced[key], tensor) for key, tensor in source.items())
+
+
+def test_export_onnx_refuses_to_replace_an_earlier_weights_data_file(tmp_path, run_cli):
+    (tmp_path / "m.onnx.data").write_bytes(b"the weights of an earlier, large export")
+    code, _, stderr = run_cli("export-onnx", "resnet18", str(tmp_path / "m.onnx"))
+    assert (code, stderr) == (2, f"resnet-backbone export-onnx: error: {tmp_path / 'm.onnx.data'} already exists; "
+                                 f"pass --overwrite to replace it\n")  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx.data"]
+
+
+@pytest.mark.slow
+def test_export_onnx_replaces_an_earlier_file_only_with_overwrite(tmp_path, run_cli):
+    ResNetBackbone(**TINY_BASIC).save_pretrained(tmp_path / "checkpoint")
+    (tmp_path / "m.onnx").write_bytes(b"an earlier export")
+    args = ["export-onnx", str(tmp_path / "checkpoint"), str(tmp_path / "m.onnx")]
+    code, _, stderr = run_cli(*args)
+    assert (code, stderr) == (2, f"resnet-backbone export-onnx: error: {tmp_path / 'm.onnx'} already exists; "
+                                 f"pass --overwrite to replace it\n")  # fmt: skip
+    assert (tmp_path / "m.onnx").read_bytes() == b"an earlier export"
+    code, _, stderr = run_cli(*args, "--overwrite")
+    assert code == 0, stderr
+    onnx.checker.check_model(tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "m.onnx"]

@@ -13,6 +13,7 @@ from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, rando
 
 from resnet_backbone import BackboneOutput, ResNetBackbone
 from resnet_backbone.adapters.torchvision import ResNetBody, resnet_fpn_backbone
+from resnet_backbone.cli import deploy
 from resnet_backbone.cli.deploy import dynamic_shapes, export_onnx
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -99,9 +100,12 @@ def _run_onnx(path, images: torch.Tensor) -> list:
 
 
 @pytest.mark.slow
-def test_onnx_export_has_named_dynamic_outputs_that_onnxruntime_matches(tmp_path):
+def test_onnx_export_is_one_self_contained_file_with_named_dynamic_outputs_that_onnxruntime_matches(tmp_path):
     backbone = tiny_backbone()
-    path = export_onnx(backbone, tmp_path / "backbone.onnx")
+    (tmp_path / "export").mkdir()
+    export_onnx(backbone, tmp_path / "export" / "backbone.onnx")
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["backbone.onnx"]  # no data file, nothing hidden
+    path = shutil.move(tmp_path / "export" / "backbone.onnx", tmp_path / "moved.onnx")  # it works alone
     graph = onnx.load(path).graph
     assert [o.name for o in graph.output] == ["stage1", "stage3"] and graph.input[0].name == "pixel_values"
     assert all(not dim.dim_value for dim in graph.input[0].type.tensor_type.shape.dim if dim.dim_param)
@@ -111,6 +115,48 @@ def test_onnx_export_has_named_dynamic_outputs_that_onnxruntime_matches(tmp_path
             expected = backbone(images).feature_maps
         for actual, reference in zip(_run_onnx(path, images), expected, strict=True):
             assert max_abs_diff(torch.from_numpy(actual), reference) <= 1e-4
+
+
+@pytest.mark.slow
+def test_weights_too_large_to_embed_go_to_a_data_file_named_after_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(deploy, "EXTERNAL_DATA_THRESHOLD", 0)  # a model over 2 GB, without building one
+    backbone = tiny_backbone()
+    (tmp_path / "export").mkdir()
+    export_onnx(backbone, tmp_path / "export" / "backbone.onnx")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["backbone.onnx", "backbone.onnx.data"]
+    shutil.move(tmp_path / "export", tmp_path / "moved")
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = backbone(images).feature_maps
+    for actual, reference in zip(_run_onnx(tmp_path / "moved" / "backbone.onnx", images), expected, strict=True):
+        assert max_abs_diff(torch.from_numpy(actual), reference) <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_failed_onnx_export_leaves_nothing_behind(tmp_path):
+    (tmp_path / "backbone.onnx").mkdir()  # the export runs, then cannot be renamed into place
+    (tmp_path / "backbone.onnx" / "kept").write_text("mine")
+    with pytest.raises(IsADirectoryError):
+        export_onnx(tiny_backbone(), tmp_path / "backbone.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["backbone.onnx"]
+    assert [p.name for p in (tmp_path / "backbone.onnx").iterdir()] == ["kept"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opset", [deploy.LOWEST_OPSET, 20])
+def test_onnx_export_writes_the_opset_asked_for(tmp_path, opset):
+    backbone = tiny_backbone()
+    path = export_onnx(backbone, tmp_path / "backbone.onnx", opset=opset)
+    assert [(op.domain, op.version) for op in onnx.load(path).opset_import] == [("", opset)]
+    assert deploy.onnx_max_abs_diff(path, backbone, [(1, 64, 96)]) <= 1e-4
+
+
+@pytest.mark.parametrize("opset", [3, 11, deploy.LOWEST_OPSET - 1, onnx.defs.onnx_opset_version() + 1])
+def test_an_opset_the_exporter_cannot_write_is_refused_before_exporting(tmp_path, opset):
+    supported = f"opsets {deploy.LOWEST_OPSET} to {onnx.defs.onnx_opset_version()}"
+    with pytest.raises(ValueError, match=f"ONNX opset {opset} is not supported: the exporter writes {supported}"):
+        export_onnx(tiny_backbone(), tmp_path / "backbone.onnx", opset=opset)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -165,6 +165,23 @@ def test_truncated_and_corrupt_files_name_the_file(tmp_path):
         read_state_dict(tmp_path / "trainer.pth")
 
 
+def test_files_that_are_no_checkpoint_are_called_what_they_are(tmp_path):
+    expected = "not a checkpoint: expected a weights file"
+    ResNetModel(**TINY_BASIC).config.to_json_file(tmp_path / "config.json")
+    for load in (read_state_dict, ResNetModel.from_pretrained):
+        with pytest.raises(ValueError, match=f"config.json is a JSON file, {expected}"):
+            load(tmp_path / "config.json")
+    (tmp_path / "empty.bin").touch()
+    with pytest.raises(ValueError, match=f"empty.bin is an empty file, {expected}"):
+        read_state_dict(tmp_path / "empty.bin")
+    (tmp_path / "notes.pth").write_text("weights are in the other folder")
+    neither = "a file in neither safetensors' nor torch.save's format"
+    with pytest.raises(ValueError, match=f"notes.pth is {neither}, {expected}"):
+        read_state_dict(tmp_path / "notes.pth")
+    with pytest.raises(ValueError, match="is a folder, not a checkpoint file: expected a weights file"):
+        read_state_dict(tmp_path)
+
+
 def test_bad_directories_and_configs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="holds no weights: expected model.safetensors or pytorch_model.bin"):
         ResNetBackbone.from_pretrained(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
@@ -53,14 +54,22 @@ def output_directory(text: str) -> Path:
 
 
 def output_file(text: str) -> Path:
-    """A file to write: its folder must exist and be writable, and it must not be a folder itself."""
+    """A file to write: its folder must exist and be writable, and it must not be a folder itself. Whether an
+    existing file may be replaced is ``refuse_existing``'s question."""
     path = Path(text)
     if path.is_dir():
         raise ArgumentError(f"{text} is a folder; expected a file path")
     if not path.parent.is_dir():
         raise ArgumentError(f"the folder {path.parent} does not exist (for the output file {text})")
-    _require_writable_ancestor(path, text)
+    _require_writable_ancestor(path.parent, text)
     return path
+
+
+def refuse_existing(outputs: Iterable[Path], overwrite: bool) -> None:
+    """Keep an earlier result unless the user asked to replace it (``--overwrite``)."""
+    existing = next((path for path in outputs if path.exists()), None)
+    if existing is not None and not overwrite:
+        raise ArgumentError(f"{existing} already exists; pass --overwrite to replace it")
 
 
 def existing_directory(text: str) -> Path:

@@ -20,11 +20,16 @@ from ..config import ResNetConfig
 from ..presets import PRESETS
 from ..weights.architecture import describe
 from ..weights.export import export_problems
-from ..weights.files import locate_checkpoint, read_state_dict, write_state_dict_file
+from ..weights.files import CONFIG_NAME, WEIGHTS_NAMES, locate_checkpoint, read_state_dict, write_state_dict_file
 from ..weights.layouts import detect_layout, strip_known_prefixes
 from ..weights.sources import timm_checkpoint, torchvision_checkpoint
 
 FORMATS = ("hf", "torchvision", "timm")
+# What each library names its weights by, besides a file.
+_NAMED_SOURCES = {
+    "torchvision": "a torchvision weights name (e.g. ResNet50_Weights.IMAGENET1K_V2)",
+    "timm": "a timm model name (e.g. resnet50.a1_in1k)",
+}
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,11 @@ def _load(source: str, source_format: str) -> ResNetModel | ResNetForImageClassi
         return model_class.from_pretrained(source)
     if source_format not in FORMATS:
         raise ValueError(f"--from must be auto or one of {FORMATS}, got {source_format!r}.")
+    if Path(source).is_dir():
+        raise ValueError(
+            f"--from {source_format} takes {_NAMED_SOURCES[source_format]} or a checkpoint file, got {source}, a "
+            f"folder; a folder with {CONFIG_NAME} and {' or '.join(WEIGHTS_NAMES)} is --from hf (or auto)."
+        )
     checkpoint = (torchvision_checkpoint if source_format == "torchvision" else timm_checkpoint)(source)
     has_classifier = any(key.endswith("fc.weight") for key in checkpoint.state_dict)
     model_class = ResNetForImageClassification if has_classifier else ResNetModel

@@ -7,7 +7,8 @@ map is an exact fraction of the input and no size needs a guard.
 from __future__ import annotations
 
 import os
-import uuid
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,38 @@ def output_names(model: nn.Module) -> list[str]:
     return list(model.output_shape())
 
 
+# torch's exporter builds opset-18 graphs and onnx's version converter takes them down to 16; below that it has no
+# adapter for Identity and the model would silently stay at 18. The highest is the newest the installed onnx knows.
+LOWEST_OPSET = 16
+# Weights above this size go to an external data file: protobuf cannot hold a message over 2 GB, and the graph
+# needs room beside the weights (torch's exporter uses the same threshold).
+EXTERNAL_DATA_THRESHOLD = 3 * 2**29  # 1.5 GiB
+
+
+def supported_opsets() -> range:
+    """The ONNX opset versions ``export_onnx`` writes exactly as asked."""
+    import onnx
+
+    return range(LOWEST_OPSET, onnx.defs.onnx_opset_version() + 1)
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse, before any work, an opset ``export_onnx`` cannot write (``None``: the exporter's default)."""
+    supported = supported_opsets()
+    if opset is not None and opset not in supported:
+        raise ValueError(
+            f"ONNX opset {opset} is not supported: the exporter writes opsets {supported[0]} to {supported[-1]} "
+            f"(torch's exporter builds opset 18 and onnx converts it down to {LOWEST_OPSET} at the lowest); "
+            f"pick one of those or leave the opset unset"
+        )
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where ``export_onnx`` puts the weights of a model too large to embed: ``model.onnx`` -> ``model.onnx.data``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.data")
+
+
 def export_onnx(
     model: nn.Module | str | os.PathLike,
     path: str | os.PathLike,
@@ -57,10 +90,26 @@ def export_onnx(
     out_features: list[str] | None = None,
     opset: int | None = None,
 ) -> Path:
-    """Write ``model`` as ONNX: one input ``pixel_values`` and one named output per feature map, with
-    dynamic batch, height and width. ``model``: a ``ResNetBackbone``, the torchvision adapter's
-    ``ResNetFPN``, or a preset / anything ``from_pretrained`` accepts. The file appears complete or not at all.
+    """Write ``model`` as one self-contained ONNX file: one input ``pixel_values`` and one named output per feature
+    map, with dynamic batch, height and width.
+
+    The weights are embedded, so the file can be copied alone. Only a model whose weights exceed
+    ``EXTERNAL_DATA_THRESHOLD`` (protobuf's 2 GB limit) keeps them in ``external_data_path(path)``
+    (``model.onnx.data`` beside ``model.onnx``), which must travel with it. The files are written in a temporary
+    folder beside ``path``, checked with ``onnx.checker``, and renamed into place only then: they appear complete or
+    not at all, and nothing else is left behind, whether the export succeeds or fails.
+
+    Args:
+        model: a ``ResNetBackbone``, the torchvision adapter's ``ResNetFPN``, or a preset / anything
+            ``from_pretrained`` accepts.
+        path: the ``.onnx`` file to write (replaced if it exists).
+        out_features: the stages to output, for a backbone.
+        opset: the ONNX opset version, one of ``supported_opsets()`` (default: the exporter's).
+
+    Returns:
+        ``path``.
     """
+    check_opset(opset)
     if not isinstance(model, nn.Module):
         model = ResNetBackbone.load(model, **({"out_features": out_features} if out_features else {}))
     elif out_features is not None:
@@ -70,24 +119,42 @@ def export_onnx(
     model = model.eval()
     divisor = model.size_divisibility
     example = torch.randn(2, _backbone_of(model).config.num_channels, 2 * divisor, 3 * divisor)
+    program = torch.onnx.export(
+        FeatureMaps(model).eval(),
+        (example,),
+        input_names=["pixel_values"],
+        output_names=output_names(model),
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes=dynamic_shapes(model),
+        verbose=False,
+    )
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.onnx.export(
-            FeatureMaps(model).eval(),
-            (example,),
-            temporary,
-            input_names=["pixel_values"],
-            output_names=output_names(model),
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes(model),
-            verbose=False,
-        )
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    _save_checked(program, path, opset)
     return path
+
+
+def _save_checked(program: torch.onnx.ONNXProgram, path: Path, opset: int | None) -> None:
+    """Save in a temporary folder beside ``path``, check, then rename the data file (if any) and the model into
+    place; the temporary folder goes in every case."""
+    import onnx
+
+    initializers = program.model.graph.initializers.values()
+    weight_bytes = sum(value.const_value.nbytes for value in initializers if value.const_value is not None)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        staged = staging / path.name
+        program.save(staged, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+        onnx.checker.check_model(staged)  # by path: it reads external data and models over 2 GB
+        opsets = onnx.load(staged, load_external_data=False).opset_import
+        written = next(op.version for op in opsets if op.domain in ("", "ai.onnx"))
+        if opset is not None and written != opset:
+            raise ValueError(f"the ONNX exporter wrote opset {written} instead of {opset}; nothing was written")
+        if external_data_path(staged).exists():
+            os.replace(external_data_path(staged), external_data_path(path))
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def onnx_max_abs_diff(path: str | os.PathLike, model: nn.Module, sizes: list[tuple[int, int, int]]) -> float:

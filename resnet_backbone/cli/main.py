@@ -11,10 +11,11 @@ from ..adapters.torchvision import resnet_fpn_backbone
 from ..backbone import ResNetBackbone
 from ..config import ResNetConfig
 from ..presets import PRESETS
-from .arguments import ArgumentParser, output_directory, output_file, positive_int
+from ..weights.files import CONFIG_NAME, WEIGHTS_NAMES
+from .arguments import ArgumentParser, output_directory, output_file, positive_int, refuse_existing
 from .convert import FORMATS, convert
 from .demo import DemoOptions, run_demo
-from .deploy import export_onnx, onnx_max_abs_diff, output_names
+from .deploy import LOWEST_OPSET, check_opset, export_onnx, external_data_path, onnx_max_abs_diff, output_names
 from .evaluation import add_arguments as add_evaluation_arguments
 from .evaluation import run as run_evaluation
 from .info import format_stage_table, stage_rows
@@ -55,7 +56,11 @@ def _run_info(args: argparse.Namespace) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    (output_directory if args.target_format == "hf" else output_file)(args.destination)
+    if args.target_format == "hf":
+        directory = output_directory(args.destination)
+        refuse_existing([directory / CONFIG_NAME, directory / WEIGHTS_NAMES[0]], args.overwrite)
+    else:
+        refuse_existing([output_file(args.destination)], args.overwrite)
     result = convert(args.source, args.destination, source_format=args.source_format, target_format=args.target_format)
     formats = f"{result.source_format} -> {result.target_format}"
     print(f"converted {result.architecture} ({formats}): {result.destination}")
@@ -72,6 +77,8 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _run_export_onnx(args: argparse.Namespace) -> None:
+    refuse_existing([args.output, external_data_path(args.output)], args.overwrite)
+    check_opset(args.opset)
     out_features = args.out_features or (["stage1", "stage2", "stage3", "stage4"] if args.fpn else None)
     model = ResNetBackbone.load(args.model, **({"out_features": out_features} if out_features else {}))
     if args.fpn:
@@ -107,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     converter.add_argument("destination", metavar="DST", help="a directory for --to hf, a file otherwise")
     converter.add_argument("--from", dest="source_format", choices=("auto", *FORMATS), default="auto")
     converter.add_argument("--to", dest="target_format", choices=FORMATS, default="hf")
+    converter.add_argument("--overwrite", action="store_true", help="replace DST's checkpoint if it holds one")
     converter.set_defaults(run=_run_convert)
 
     demo = verbs.add_parser("demo", help="fine-tune an FCOS detector on synthetic shapes, on the CPU, and show it")
@@ -132,9 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx = verbs.add_parser("export-onnx", help="export to ONNX (dynamic batch, height, width) and verify it")
     onnx.add_argument("model", metavar="MODEL", help="a preset, or anything from_pretrained accepts")
-    onnx.add_argument("output", type=output_file, metavar="OUTPUT.onnx")
+    onnx.add_argument("output", type=output_file, metavar="OUTPUT.onnx",
+                      help="one self-contained file; a model over protobuf's 2 GB limit keeps its weights beside it "
+                           "in OUTPUT.onnx.data")  # fmt: skip
     onnx.add_argument("--out-features", nargs="+", metavar="NAME", help="stages to output (default: the config's)")
-    onnx.add_argument("--opset", type=positive_int, help="ONNX opset version (default: the exporter's)")
+    onnx.add_argument("--opset", type=positive_int,
+                      help=f"ONNX opset version, {LOWEST_OPSET} or higher (default: the exporter's)")  # fmt: skip
+    onnx.add_argument("--overwrite", action="store_true", help="replace an earlier OUTPUT.onnx (and its .data)")
     onnx.add_argument("--fpn", action="store_true", help="export the torchvision adapter's FPN on these features")
     onnx.set_defaults(run=_run_export_onnx)
 

@@ -23,18 +23,31 @@ from .layouts import extract_state_dict
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+EXPECTED_CHECKPOINT = (
+    f"expected a weights file ({'/'.join(WEIGHTS_SUFFIXES)}) or a folder with {CONFIG_NAME} and "
+    f"{' or '.join(WEIGHTS_NAMES)}"
+)
+# How a torch.save file starts: its zip archive, or (its format before torch 1.6) a pickle of protocol 2 or higher.
+_TORCH_SAVE_SIGNATURES = (b"PK\x03\x04", b"\x80")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, on the CPU; a clear error for anything unsafe or damaged."""
+    """The tensors of a checkpoint file, on the CPU; a clear error for anything unsafe, damaged or not a
+    checkpoint at all."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file: {EXPECTED_CHECKPOINT}.")
     if not path.is_file():
-        raise ValueError(f"{path} does not exist or is not a file.")
+        raise ValueError(f"{path} does not exist.")
     if path.suffix == ".safetensors":
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    with path.open("rb") as file:
+        head = file.read(64)
+    if not head.startswith(_TORCH_SAVE_SIGNATURES):
+        raise ValueError(f"{path} is {_what_is_not_a_checkpoint(head)}, not a checkpoint: {EXPECTED_CHECKPOINT}.")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -45,6 +58,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
     return extract_state_dict(loaded, source=str(path))
+
+
+def _what_is_not_a_checkpoint(head: bytes) -> str:
+    if not head:
+        return "an empty file"
+    if head.lstrip().startswith((b"{", b"[")):
+        return "a JSON file"
+    return "a file in neither safetensors' nor torch.save's format"
 
 
 def write_checkpoint(directory: str | os.PathLike, config_json: str, state_dict: Mapping[str, torch.Tensor]) -> Path:
