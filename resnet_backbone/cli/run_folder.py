@@ -76,11 +76,11 @@ def run_folder_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(
-                f"Another training run ({_holder(lock)}) is writing into {directory} (it holds {path}). Wait for it "
-                "to end, or choose another --output-dir."
+                f"Another training run ({_holder(lock) or 'PID unknown'}) is writing into {directory} (it holds "
+                f"{path}). Wait for it to end, or choose another --output-dir."
             ) from None
         left_by = _holder(lock)
-        if left_by != "PID unknown":
+        if left_by is not None:
             print(f"{path} was left by {left_by}, which ended without releasing it (killed?); this run takes it over")
         _write(lock, f"{os.getpid()} {socket.gethostname()}\n")
         try:
@@ -90,10 +90,11 @@ def run_folder_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _holder(lock) -> str:  # noqa: ANN001  (an open text file)
+def _holder(lock) -> str | None:  # noqa: ANN001  (an open text file)
+    """``PID 1234 on host`` as the holder wrote it; None when the file names nobody."""
     lock.seek(0)
     fields = lock.read().split()
-    return f"PID {fields[0]} on {fields[1]}" if len(fields) == 2 else "PID unknown"
+    return f"PID {fields[0]} on {fields[1]}" if len(fields) == 2 else None
 
 
 def _write(lock, text: str) -> None:  # noqa: ANN001  (an open text file)

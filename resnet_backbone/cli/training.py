@@ -129,6 +129,8 @@ def fit(
     ``compute_loss(model, batch)`` gives the loss of one batch (already on the device).
     ``after_step(model, step, is_last_step)`` runs on every rank after each step (e.g. evaluation), with
     the model unwrapped from DDP and in training mode; it must leave it in training mode.
+    A step whose loss, or whose updated weights, are not finite raises ValueError on every rank before
+    anything of that step is logged or saved.
     """
     torch.manual_seed(options.seed)
     precision = resolve_precision(options.precision, world.device)
