@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from .layers import FrozenBatchNorm2d
 from .trunk import ResNetPreTrainedModel
+from .weights.files import mark_optimized_for_inference
 
 # Norms that are a per-channel affine map in eval mode; GroupNorm depends on each input, so it stays.
 # torchvision's own FrozenBatchNorm2d is one too: the core does not import torchvision, so _is_foldable_norm
@@ -80,7 +81,8 @@ def optimize_for_inference(
     - ``inplace``: modify ``model`` itself instead of a copy (saves memory for large models).
 
     The result keeps the original's class, attributes and output type, but its state dict (convolutions
-    with biases, no norms) is not a checkpoint of the original layout: save the original instead.
+    with biases, no norms) is not a checkpoint of the original layout: ``save_pretrained`` and the exports
+    refuse it; save the original instead.
     """
     if not isinstance(model, nn.Module) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError(
@@ -104,6 +106,7 @@ def optimize_for_inference(
         )
     model = model if inplace else copy.deepcopy(model)
     model.eval().requires_grad_(False)
+    mark_optimized_for_inference(model)
     _fold_batch_norms(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)

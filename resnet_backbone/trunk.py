@@ -26,7 +26,7 @@ from .specs import StageSpec, stage_specs, stem_conv_spec
 from .stages import Embeddings, Encoder
 from .weights.architecture import infer_config
 from .weights.export import peer_state_dict
-from .weights.files import locate_checkpoint, read_state_dict, write_checkpoint
+from .weights.files import locate_checkpoint, read_state_dict, refuse_optimized_for_inference, write_checkpoint
 from .weights.loading import LoadReport, load_checkpoint
 from .weights.sources import Checkpoint, timm_checkpoint, torchvision_checkpoint
 
@@ -123,7 +123,9 @@ class ResNetPreTrainedModel(nn.Module):
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (transformers' layout), atomically."""
+        """Write ``config.json`` and ``model.safetensors`` (transformers' layout), atomically. Refuses a model
+        that went through ``optimize_for_inference``: save the original."""
+        refuse_optimized_for_inference(self)
         config = self.config.with_overrides(architectures=[type(self).__name__])
         return write_checkpoint(directory, config.to_json_string(), self.state_dict())
 

@@ -106,7 +106,7 @@ def test_info_errors_are_short_and_actionable(args, message, run_cli):
         (["demo", "--output-dir", "{file}/pictures"], "is a file, not a folder"),
         (["train", "--steps", "0"], "expected an integer >= 1, got '0'"),
         (["train", "--batch-size", "-2"], "expected an integer >= 1, got '-2'"),
-        (["train", "--lr", "-1"], "expected a number >= 0, got '-1'"),
+        (["train", "--lr", "-1"], "expected a finite number >= 0, got '-1'"),
         (["train", "--data", "{tmp}/no-such-coco"], "expected an existing folder"),
         (["train", "--output-dir", "{file}"], "exists and is not a folder"),
         (["export-onnx", "resnet18", "/nonexistent/dir/o.onnx"], "the folder /nonexistent/dir does not exist"),

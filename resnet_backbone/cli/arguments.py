@@ -4,6 +4,7 @@ one line that says what was expected and what was received."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -31,7 +32,7 @@ def non_negative_int(text: str) -> int:
 
 
 def non_negative_float(text: str) -> float:
-    return _number(text, float, "a number >= 0", lambda value: value >= 0)
+    return _number(text, float, "a finite number >= 0", lambda value: 0 <= value < math.inf)
 
 
 def _number(text: str, kind: type, expected: str, valid) -> int | float:  # noqa: ANN001

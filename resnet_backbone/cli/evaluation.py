@@ -4,13 +4,12 @@ Detection: mAP@0.5 and mAP@[.5:.95] by torchmetrics' ``MeanAveragePrecision`` (t
 pycocotools, so crowd regions neither count as misses nor make detections on them false positives).
 Segmentation: mIoU and per-class IoU by torchmetrics' ``MulticlassJaccardIndex``, 255 ignored; each image
 is predicted at the training size and the logits resized back to its mask. Every result is printed,
-appended to ``metrics.jsonl``, and the best model so far kept as ``best/``.
+appended to ``metrics.jsonl``, and the best model of this run so far kept as ``best/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset
 from .coco import CocoFolder
 from .masks import IGNORE_INDEX, MaskFolder
 from .task_model import TaskSpec, load_task_model, save_task_model
-from .training import World
+from .training import World, json_line, keep_log_until
 
 METRICS_NAME = "metrics.jsonl"
 BEST_DIR = "best"
@@ -94,25 +93,33 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 class PeriodicEvaluation:
     """``fit``'s ``after_step``: rank 0 evaluates every ``every`` steps (0: never) and at the last step,
-    logs, and saves the best model so far to ``output_dir/best``; other ranks wait for it."""
+    logs, and saves the best model of this run so far to ``output_dir/best``; other ranks wait for it.
 
-    def __init__(self, dataset: Dataset, spec: TaskSpec, every: int, output_dir: Path, world: World) -> None:
+    ``best/`` is chosen among this run's evaluations only; a resumed run (``resume``) is the same run, so
+    it counts the evaluations logged before the step it resumed from and drops the later ones (it redoes
+    those steps)."""
+
+    def __init__(
+        self, dataset: Dataset, spec: TaskSpec, every: int, output_dir: Path, world: World, *, resume: bool = False
+    ) -> None:
         self.dataset, self.spec, self.every, self.output_dir, self.world = dataset, spec, every, output_dir, world
         self.metric = PRIMARY_METRIC[spec.task]
-        log = output_dir / METRICS_NAME
-        earlier = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-        self.best = max((entry[self.metric] for entry in earlier), default=-math.inf)  # a resumed run keeps its best
+        self.resume = resume
+        self.best: float | None = None  # known at the first evaluation, which tells where the run resumed
 
     def __call__(self, model: nn.Module, step: int, last: bool) -> None:
         if not (last or (self.every and step % self.every == 0)):
             return
         if self.world.is_main:
+            if self.best is None:
+                earlier = keep_log_until(self.output_dir / METRICS_NAME, step - 1) if self.resume else []
+                self.best = max((entry[self.metric] for entry in earlier), default=-math.inf)
             metrics = {"step": step, **evaluate(model, self.dataset, self.spec, self.world.device)}
             model.train()
             print(format_metrics(metrics))
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / METRICS_NAME, "a", encoding="utf-8") as log:
-                log.write(json.dumps(metrics) + "\n")
+                log.write(json_line(metrics))
             if metrics[self.metric] > self.best:
                 self.best = metrics[self.metric]
                 save_task_model(model, self.output_dir / BEST_DIR, self.spec)

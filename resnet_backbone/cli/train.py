@@ -5,14 +5,15 @@ Detection: a torchvision detector (FCOS, Faster R-CNN, Mask R-CNN, RetinaNet) on
 a COCO folder (``--data DIR`` with ``annotations.json`` and ``images/``). Segmentation: a
 segmentation_models_pytorch model with this backbone as its ``tu-rb_<preset>`` encoder, on the synthetic
 shapes' masks or on a mask folder (``--data DIR`` with ``images/`` and ``masks/``). ``--val-data`` evaluates
-during training (see ``evaluation``).
+during training (see ``evaluation``). One run per ``--output-dir`` (see ``run_folder``).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,21 @@ from torch.utils.data import Dataset
 
 from ..adapters.torchvision import detection_loss
 from ..presets import PRESETS
+from ..weights.architecture import describe
 from .arguments import existing_directory, non_negative_float, non_negative_int, output_directory, positive_int
 from .augmentation import detection_transforms, segmentation_transforms
 from .coco import BACKGROUND, CocoFolder
-from .evaluation import PeriodicEvaluation, evaluation_data
+from .evaluation import BEST_DIR, METRICS_NAME, PeriodicEvaluation, evaluation_data
 from .masks import IGNORE_INDEX, MaskFolder
+from .run_folder import refuse_to_mix_runs, remove_run, run_folder_lock
 from .synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
 from .task_model import IMAGE_POOLING_SEGMENTERS, SEGMENTERS, TaskSpec, backbone_of, build_task_model, save_task_model
-from .training import PRECISIONS, TrainingOptions, distributed_world, fit
+from .training import CHECKPOINT_NAME, LOG_NAME, PRECISIONS, TrainingOptions, World, distributed_world, fit
 
 DETECTORS = ("fcos", "fasterrcnn", "maskrcnn", "retinanet")
 MODEL_DIR = "model"
+BACKBONE_DIR = "backbone"
+RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, METRICS_NAME, MODEL_DIR, BACKBONE_DIR, BEST_DIR)  # what a run writes
 SYNTHETIC_LABELS = {0: BACKGROUND, **dict(enumerate(SHAPE_CLASSES, 1))}
 
 
@@ -79,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=output_directory, default="train-output", metavar="DIR")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=100, metavar="STEPS")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    earlier_run = parser.add_mutually_exclusive_group()
+    earlier_run.add_argument("--resume", action="store_true", help="continue the run in DIR from its checkpoint.pt")
+    earlier_run.add_argument("--overwrite", action="store_true", help="replace the run in DIR, if it holds one")
     parser.add_argument("--stop-at-step", type=positive_int, metavar="STEP", help="end this run early, checkpointed")
     return parser
 
@@ -87,24 +94,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> list[float]:
     """Build the task's model and data from ``args`` and train; returns this process's losses."""
     with distributed_world() as world:
+        if world.is_main:  # before the data is read, so a refusal is instant; checked again under the lock
+            refuse_to_mix_runs(args.output_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
         torch.manual_seed(args.seed)  # every process builds the same initial model
         task = _task(args)
         if world.is_main and isinstance(task.dataset, CocoFolder):
             print(f"{task.dataset.annotations_path}: {task.dataset.report}")
-        options = TrainingOptions(
-            steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, precision=args.precision,
-            seed=args.seed, output_dir=args.output_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-            stop_at_step=args.stop_at_step, sync_batchnorm=args.sync_bn, compile=args.compile,
-        )  # fmt: skip
-        evaluation = None
-        if task.val_dataset is not None:
-            evaluation = PeriodicEvaluation(task.val_dataset, task.spec, args.eval_every, args.output_dir, world)
-        losses = fit(
-            task.model, task.dataset, task.compute_loss, options, world, collate_fn=task.collate, after_step=evaluation
+        with _claimed_output_dir(args, world):
+            return _train(args, task, world)
+
+
+@contextmanager
+def _claimed_output_dir(args: argparse.Namespace, world: World) -> Iterator[None]:
+    """Rank 0 (the only writer) locks the output folder for the run's lifetime, once every input has passed
+    its checks (a refused run writes nothing, not even the folder), and refuses one that holds another run
+    unless --resume or --overwrite says what to do with it."""
+    if not world.is_main:
+        yield
+        return
+    with run_folder_lock(args.output_dir):
+        refuse_to_mix_runs(args.output_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
+        if args.overwrite:
+            # The earlier run goes now, once the data and the model have passed their checks, rather than
+            # once this run has checkpointed: until then the folder would hold parts of two runs (new log
+            # lines beside the old checkpoint, model/ and best/), and a crash in between would leave exactly
+            # that mix. --overwrite says the earlier run is not wanted; a mistake in the other arguments
+            # still fails before it is touched.
+            remove_run(args.output_dir, RUN_FILES)
+        yield
+
+
+def _train(args: argparse.Namespace, task: _Task, world: World) -> list[float]:
+    options = TrainingOptions(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, precision=args.precision,
+        seed=args.seed, output_dir=args.output_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        stop_at_step=args.stop_at_step, sync_batchnorm=args.sync_bn, compile=args.compile,
+        model_spec={**asdict(task.spec), "backbone": describe(backbone_of(task.model).config)},
+    )  # fmt: skip
+    evaluation = None
+    if task.val_dataset is not None:
+        evaluation = PeriodicEvaluation(
+            task.val_dataset, task.spec, args.eval_every, args.output_dir, world, resume=args.resume
         )
-        if world.is_main:
-            _save_backbone(task.model, args.output_dir / "backbone")
-            save_task_model(task.model, args.output_dir / MODEL_DIR, task.spec)
+    losses = fit(
+        task.model, task.dataset, task.compute_loss, options, world, collate_fn=task.collate, after_step=evaluation
+    )
+    if world.is_main:
+        _save_backbone(task.model, args.output_dir / BACKBONE_DIR)
+        save_task_model(task.model, args.output_dir / MODEL_DIR, task.spec)
     return losses
 
 

@@ -4,7 +4,8 @@ One process or many under ``torchrun`` (gloo on CPU, nccl on CUDA): ``Distribute
 ``DistributedSampler`` (so every run sees the same data order), optional SyncBatchNorm, AdamW with
 warm-up and cosine decay, bf16 autocast where it pays, rank-0 logging and progress bar, and atomic
 checkpoints (model, optimizer, schedule, step, RNG) from which a resumed run continues the loss curve
-exactly.
+exactly. A step whose loss or updated weights are not finite stops every rank at once, before anything of
+it is written, so the last checkpoint stays the last good one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..inference import compile_for_training, computes_bf16_natively
+from ..weights import CheckpointMismatchError, LoadReport, load_placed
 from ..weights.files import atomic_write
 from .distributed import convert_sync_batchnorm
 
@@ -52,6 +55,8 @@ class TrainingOptions:
     sync_batchnorm: bool = False
     compile: bool = False  # channels_last and the dense parts compiled: see compile_for_training
     show_progress: bool = True
+    # What the model is (e.g. the task spec), saved in each checkpoint: resume refuses one saved for another.
+    model_spec: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,8 @@ def fit(
     ``compute_loss(model, batch)`` gives the loss of one batch (already on the device).
     ``after_step(model, step, is_last_step)`` runs on every rank after each step (e.g. evaluation), with
     the model unwrapped from DDP and in training mode; it must leave it in training mode.
+    A step whose loss, or whose updated weights, are not finite raises ValueError on every rank before
+    anything of that step is logged or saved.
     """
     torch.manual_seed(options.seed)
     precision = resolve_precision(options.precision, world.device)
@@ -141,6 +148,8 @@ def fit(
     optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=options.weight_decay, fused=True)
     scheduler = warmup_cosine(optimizer, options.steps, min(options.warmup_steps, options.steps // 10 or 1))
     step = _restore(model, optimizer, scheduler, options, world) if options.resume else 0
+    saved_step = step if options.resume else None
+    weights = [(name, tensor) for name, tensor in _named_tensors(model) if tensor.is_floating_point()]
     wrapped = model
     if world.size > 1:
         device_ids = [world.device.index] if world.device.type == "cuda" else None
@@ -157,32 +166,38 @@ def fit(
     if world.is_main:
         print(f"training {last_step - step} steps on {world.size} process(es), {world.device}, precision {precision}")
     losses: list[float] = []
-    progress = tqdm(total=last_step, initial=step, desc="training", unit="step",
-                    disable=not (world.is_main and options.show_progress))  # fmt: skip
     wrapped.train()
-    while step < last_step:
-        for batch in _batches(dataset, sampler, step, steps_per_epoch, options.batch_size, collate_fn):
-            batch = tree_map(lambda t: t.to(world.device) if isinstance(t, torch.Tensor) else t, batch)
-            with autocast:
-                loss = compute_loss(wrapped, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_value = _mean_over_ranks(loss.detach().float(), world)
-            losses.append(loss_value)
-            if world.is_main:
-                progress.set_postfix(loss=f"{loss_value:.4f}")
-                progress.update()
-                _log(options, step, loss_value, scheduler.get_last_lr()[0])
-            if step == last_step or (options.checkpoint_every and step % options.checkpoint_every == 0):
-                _save(model, optimizer, scheduler, step, options, world)
-            if after_step is not None:
-                after_step(model, step, step == last_step)
-            if step == last_step:
-                break
-    progress.close()
+    # Closed on any exit, so that an error is printed on a line of its own.
+    with tqdm(total=last_step, initial=step, desc="training", unit="step",
+              disable=not (world.is_main and options.show_progress)) as progress:  # fmt: skip
+        while step < last_step:
+            for batch in _batches(dataset, sampler, step, steps_per_epoch, options.batch_size, collate_fn):
+                step += 1
+                batch = tree_map(lambda t: t.to(world.device) if isinstance(t, torch.Tensor) else t, batch)
+                with autocast:
+                    loss = compute_loss(wrapped, batch)
+                # Every rank checks the same all-reduced value, so all of them stop together (none waits in a
+                # collective for a rank that has left).
+                loss_value = _mean_over_ranks(loss.detach().float(), world)
+                if not math.isfinite(loss_value):
+                    raise _diverged(step, f"the loss is {loss_value}", options, saved_step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                _check_finite(weights, step, loss_value, options, saved_step)
+                losses.append(loss_value)
+                if world.is_main:
+                    progress.set_postfix(loss=f"{loss_value:.4f}")
+                    progress.update()
+                    _log(options, step, loss_value, scheduler.get_last_lr()[0])
+                if step == last_step or (options.checkpoint_every and step % options.checkpoint_every == 0):
+                    _save(model, optimizer, scheduler, step, options, world)
+                    saved_step = step
+                if after_step is not None:
+                    after_step(model, step, step == last_step)
+                if step == last_step:
+                    break
     if world.size > 1:
         _report_replica_digests(model, world)
     return losses
@@ -210,6 +225,36 @@ def _batches(dataset: Dataset, sampler: DistributedSampler, step: int, steps_per
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn)
 
 
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _check_finite(
+    weights: list[tuple[str, torch.Tensor]], step: int, loss: float, options: TrainingOptions, saved_step: int | None
+) -> None:
+    """Raise if ``step``'s update left a weight NaN or infinite (DDP replicas are identical, so every rank
+    agrees); one device sync for the lot."""
+    finite = torch.stack([tensor.isfinite().all() for _, tensor in weights])
+    if not bool(finite.all()):
+        names = [name for (name, _), ok in zip(weights, finite.tolist()) if not ok]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise _diverged(step, f"its update made {shown} non-finite (the loss was {loss:.4g})", options, saved_step)
+
+
+def _diverged(step: int, what: str, options: TrainingOptions, saved_step: int | None) -> ValueError:
+    if options.output_dir is None:
+        kept = "Nothing was saved"
+    elif saved_step is None:
+        kept = f"Nothing of this run was saved to {options.output_dir}"
+    else:
+        kept = f"Nothing of it was saved: {options.output_dir / CHECKPOINT_NAME} still holds step {saved_step}"
+    return ValueError(
+        f"Training diverged at step {step}: {what}. {kept}. Lower the learning rate (it is "
+        f"{options.learning_rate:g}) and start again."
+    )
+
+
 def _mean_over_ranks(value: torch.Tensor, world: World) -> float:
     if world.size > 1:
         dist.all_reduce(value)
@@ -221,7 +266,24 @@ def _log(options: TrainingOptions, step: int, loss: float, learning_rate: float)
     if options.output_dir is not None:
         options.output_dir.mkdir(parents=True, exist_ok=True)
         with open(options.output_dir / LOG_NAME, "a", encoding="utf-8") as log:
-            log.write(json.dumps({"step": step, "loss": loss, "lr": learning_rate}) + "\n")
+            log.write(json_line({"step": step, "loss": loss, "lr": learning_rate}))
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One line of a ``.jsonl`` log: strict JSON (a NaN or infinity raises rather than writing ``NaN``)."""
+    return json.dumps(record, allow_nan=False) + "\n"
+
+
+def keep_log_until(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop the lines of the ``.jsonl`` log ``path`` after ``step`` (a resumed run redoes those steps) and
+    return the rest."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    kept = [record for record in records if record["step"] <= step]
+    if len(kept) < len(records):
+        atomic_write(path, lambda staged: staged.write_text("".join(map(json_line, kept)), encoding="utf-8"))
+    return kept
 
 
 def _save(model: nn.Module, optimizer, scheduler, step: int, options: TrainingOptions, world: World) -> None:
@@ -233,21 +295,63 @@ def _save(model: nn.Module, optimizer, scheduler, step: int, options: TrainingOp
         "scheduler": scheduler.state_dict(),
         "step": step,
         "rng": torch.get_rng_state(),
-        "options": {key: str(value) for key, value in asdict(options).items()},
+        "options": {key: str(value) for key, value in asdict(options).items() if key != "model_spec"},
+        "model_spec": options.model_spec,
     }
     options.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(options.output_dir / CHECKPOINT_NAME, lambda path: torch.save(state, path))
 
 
 def _restore(model: nn.Module, optimizer, scheduler, options: TrainingOptions, world: World) -> int:
+    """Load the checkpoint of ``options.output_dir`` into the model, optimizer and schedule, all or nothing,
+    after checking that it was saved for this model; returns its step."""
     path = None if options.output_dir is None else options.output_dir / CHECKPOINT_NAME
     if path is None or not path.is_file():
-        raise ValueError(f"--resume needs a checkpoint, and {path} does not exist.")
-    state = torch.load(path, map_location=world.device, weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+        raise ValueError(f"--resume needs a checkpoint, and {path} does not exist. Start again with --overwrite.")
+    state = _read_training_checkpoint(path, world.device)
+    saved_spec = state.get("model_spec")
+    if saved_spec is not None and options.model_spec is not None and saved_spec != options.model_spec:
+        differences = "; ".join(
+            f"{key} {saved_spec.get(key)!r} there, {options.model_spec.get(key)!r} here"
+            for key in sorted(saved_spec.keys() | options.model_spec.keys())
+            if saved_spec.get(key) != options.model_spec.get(key)
+        )
+        raise ValueError(f"{path} was saved for another model ({differences}): resume with the same settings.")
+    report = LoadReport(source_layout="training checkpoint")
+    try:
+        load_placed(model, state["model"], report)
+    except CheckpointMismatchError:
+        details = "; ".join(str(report).splitlines()[1:])
+        raise ValueError(
+            f"{path} holds the weights of another model ({details}): resume with the same settings."
+        ) from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError) as error:
+        raise ValueError(
+            f"{path}: its optimizer state does not fit this run's trainable parameters (another "
+            f"--trainable-layers?): {error}"
+        ) from None
     torch.set_rng_state(state["rng"].cpu())
+    step = int(state["step"])
     if world.is_main:
-        print(f"resumed from {path} at step {state['step']}")
-    return int(state["step"])
+        keep_log_until(options.output_dir / LOG_NAME, step)
+        print(f"resumed from {path} at step {step}")
+    return step
+
+
+def _read_training_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{path} is not a readable training checkpoint (truncated or corrupt?): {reason}. Start again with "
+            "--overwrite."
+        ) from None
+    needed = ("model", "optimizer", "scheduler", "step", "rng")
+    missing = [key for key in needed if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint: it lacks {', '.join(missing)}.")
+    return state

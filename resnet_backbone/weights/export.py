@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import ResNetConfig
 from .architecture import peer_layout_of
+from .files import refuse_optimized_for_inference
 from .layouts import from_canonical, strip_known_prefixes
 
 PEER_LIBRARIES = ("torchvision", "timm")
@@ -17,8 +18,9 @@ def peer_state_dict(model: nn.Module, library: str) -> dict[str, torch.Tensor]:
 
     A backbone or ``ResNetModel`` has no ``fc``: load it into a headless peer (timm ``num_classes=0`` or
     ``features_only``; torchvision ``IntermediateLayerGetter``). Frozen norms gain ``num_batches_tracked``
-    so that the peer's BatchNorm finds every key.
+    so that the peer's BatchNorm finds every key. Refuses a model that went through ``optimize_for_inference``.
     """
+    refuse_optimized_for_inference(model)
     problems = export_problems(model.config, library)
     if problems:
         raise ValueError(f"{library} cannot represent this model: {'; '.join(problems)}.")

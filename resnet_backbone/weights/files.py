@@ -1,7 +1,8 @@
 """Checkpoint files: safe reading, atomic writing, and finding them locally or on the Hugging Face Hub.
 
 Reading never unpickles arbitrary objects: safetensors first, and ``.bin``/``.pth`` files only through
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. Writing refuses a model optimised for inference, whose weights no longer
+fit the layout a checkpoint's readers expect.
 """
 
 from __future__ import annotations
@@ -29,6 +30,26 @@ EXPECTED_CHECKPOINT = (
 )
 # How a torch.save file starts: its zip archive, or (its format before torch 1.6) a pickle of protocol 2 or higher.
 _TORCH_SAVE_SIGNATURES = (b"PK\x03\x04", b"\x80")
+
+# Set on every module of optimize_for_inference's result (a detector's backbone too).
+OPTIMIZED_FOR_INFERENCE = "optimized_for_inference"
+
+
+def mark_optimized_for_inference(model: torch.nn.Module) -> None:
+    """Flag ``model`` and every module in it as optimised for inference, so no checkpoint is written from them."""
+    for module in model.modules():
+        setattr(module, OPTIMIZED_FOR_INFERENCE, True)
+
+
+def refuse_optimized_for_inference(model: torch.nn.Module) -> None:
+    """Raise, before anything is written, if ``model`` went through ``optimize_for_inference``: its state dict
+    (convolutions with folded-in norms, no norm layers, perhaps another dtype) would load back wrong."""
+    if getattr(model, OPTIMIZED_FOR_INFERENCE, False):
+        raise ValueError(
+            f"This {type(model).__name__} was optimised for inference (BatchNorm folded into the convolutions, "
+            "weights perhaps cast or compiled): its weights no longer fit the original layout and would load back "
+            "wrong. Save the original model instead (optimize_for_inference returns a copy unless inplace=True)."
+        )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
