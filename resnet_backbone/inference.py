@@ -110,7 +110,8 @@ def optimize_for_inference(
     low_precision = dtype is not None and dtype != torch.float32
     part_names = list(dense_parts(model, parts))
     if low_precision or compile:
-        _warn_if_undeclared(model, parts, "optimize_for_inference", "run in low precision and compiled")
+        what = " and ".join([f"run in {dtype}"] * low_precision + ["compiled"] * compile)
+        _warn_if_undeclared(model, parts, "optimize_for_inference", what)
     device = next(model.parameters(), torch.empty(0)).device
     if dtype == torch.bfloat16 and not computes_bf16_natively(device):
         warnings.warn(
