@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from .. import PRESETS, ResNetConfig, ResNetTrunk
+from .. import PRESETS, ResNetConfig, ResNetTrunk, register_dense_parts
 from ..weights import describe, infer_config, same_architecture, to_canonical
 
 __all__ = ["MODEL_NAMES", "TimmResNet"]
@@ -224,3 +224,10 @@ def _register() -> None:
 
 
 _register()
+
+# segmentation_models_pytorch's models, which take these models as "tu-rb_*" encoders: encoder, decoder and
+# segmentation head are the dense parts that optimize_for_inference and compile_for_training run fast. Named by
+# path: smp is optional, and this module does not import it.
+register_dense_parts(
+    "segmentation_models_pytorch.base.model.SegmentationModel", ("encoder", "decoder", "segmentation_head")
+)

@@ -18,10 +18,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.segmentation import FCN, DeepLabV3
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.segmentation import FCN, LRASPP, DeepLabV3
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock,
     FeaturePyramidNetwork,
@@ -29,7 +32,7 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from .. import PRESETS, ResNetBackbone, close_match_hint
+from .. import PRESETS, ResNetBackbone, close_match_hint, register_dense_parts, register_foldable_norm
 from ..weights import LoadReport, load_placed, to_canonical
 
 __all__ = [
@@ -325,6 +328,31 @@ def _choice(kind: str, choices: Mapping[str, Any], what: str) -> Any:
     if kind not in choices:
         raise ValueError(f"Unknown {what} {kind!r}.{close_match_hint(kind, choices)} Valid: {', '.join(choices)}.")
     return choices[kind]
+
+
+# ---------------------------------------------------------------- what the fast paths need to know
+
+# The parts of torchvision's models that are dense convolutions on inputs of a fixed shape (for a fixed image
+# size), for optimize_for_inference and compile_for_training; a detector's backbone is an FPN backbone, whose
+# own declaration splits it into body and neck. Anchors, matching, NMS, RoI pooling and post-processing stay
+# outside them, eager and in float32; so do the RoI heads, whose inputs change shape with the number of
+# proposals (each shape would compile).
+DENSE_PARTS = {
+    ResNetBody: ("",),
+    ResNetFPN: ("body", "fpn"),
+    BackboneWithFPN: ("body", "fpn"),
+    GeneralizedRCNN: ("backbone", "rpn.head"),  # Faster, Mask and Keypoint R-CNN
+    RetinaNet: ("backbone", "head"),
+    FCOS: ("backbone", "head"),
+    SSD: ("backbone", "head"),
+    FCN: ("backbone", "classifier", "aux_classifier"),
+    DeepLabV3: ("backbone", "classifier", "aux_classifier"),
+    LRASPP: ("backbone", "classifier"),
+}
+for _model_class, _part_names in DENSE_PARTS.items():
+    register_dense_parts(_model_class, _part_names)
+# torchvision's FrozenBatchNorm2d is BatchNorm's eval-mode arithmetic on buffers: its detectors fold as they come.
+register_foldable_norm(FrozenBatchNorm2d)
 
 
 # ---------------------------------------------------------------- torchvision's pretrained weights

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
+
+from resnet_backbone.torch_compat import allocation_events
 
 
 def count_flops(run: Callable[[], Any]) -> tuple[int, Any]:
@@ -40,12 +41,7 @@ def peak_memory_bytes(run: Callable[[], Any], device: torch.device) -> int:
     finally:
         with _stderr_silenced():
             profiler.stop()
-    events, allocations = list(profiler.profiler.kineto_results.experimental_event_tree()), []
-    while events:
-        event = events.pop()
-        events += event.children
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == device.type:
-            allocations.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
+    allocations = allocation_events(profiler, device.type)
     held: dict[int, int] = {}  # address -> bytes of each block the call allocated and still holds
     live = peak = 0
     for _, address, size in sorted(allocations):

@@ -18,7 +18,6 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision.models import detection, segmentation
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
@@ -39,6 +38,7 @@ from resnet_backbone.adapters.torchvision import (
     load_torchvision_weights,
 )
 from resnet_backbone.inference import compile_for_inference
+from resnet_backbone.torch_compat import tree_flatten, tree_unflatten
 from resnet_backbone.weights import to_canonical
 
 from .counters import count_flops, peak_memory_bytes
@@ -262,7 +262,7 @@ def run_dense_workload(
     memory = {key: peak_memory_bytes(run, device) for key, run in runs.items()} if training else {}
     fastest = min((case for case in timings if case[0] == OURS), key=lambda case: timings[case].median)
     split = time_parts(prepared[fastest], runs[fastest])
-    torch._dynamo.reset()
+    torch.compiler.reset()
     results = case_results(timings, reference_case, workload.batch, flops, peaks, first_call_s, differences, memory)
     return WorkloadResult(
         label=workload.label,

@@ -12,6 +12,7 @@ from torch import nn
 
 from resnet_backbone import computes_bf16_natively, optimize_for_inference
 from resnet_backbone.inference import FLOAT32_TOLERANCE, LOW_PRECISION_TOLERANCE
+from resnet_backbone.torch_compat import compile_without_autograd
 
 from .peers import feature_maps
 
@@ -90,11 +91,10 @@ def prepare(mode: Mode, model: nn.Module, pixel_values: torch.Tensor) -> Callabl
         if mode.channels_last:
             model.to(memory_format=torch.channels_last)
         if mode.frozen:
-            # As compile_for_inference, but with inductor's freezing only: Dynamo reads it from the global
-            # config while tracing, with gradients off. dynamic=False keeps this compilation from reusing the
-            # unfrozen one of the plain compiled mode (Dynamo shares entries between equal compile settings).
-            frozen = torch._inductor.config.patch(freezing=True)
-            model._compiled_call_impl = frozen(torch.no_grad()(torch.compile(model._call_impl, dynamic=False)))
+            # As compile_for_inference, but with inductor's freezing only. dynamic=False keeps this compilation
+            # from reusing the unfrozen one of the plain compiled mode (Dynamo shares entries between equal
+            # compile settings).
+            compile_without_autograd(model, {"freezing": True})
         elif mode.compile:
             model = torch.compile(model)
     device_type = pixel_values.device.type

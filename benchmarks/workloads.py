@@ -112,7 +112,7 @@ def run_workload(
     reference = workload.cases[0]
     flops, _ = count_flops(runs[reference])
     memory = {key: peak_memory_bytes(run, device) for key, run in runs.items()} if workload.kind == "training" else {}
-    torch._dynamo.reset()  # frees the compiled graphs, and their recompilation budget, for the next workload
+    torch.compiler.reset()  # frees the compiled graphs, and their recompilation budget, for the next workload
     cases = case_results(timings, reference, workload.batch, flops, peaks, first_call_s, differences, memory)
     return WorkloadResult(
         label=workload.label,

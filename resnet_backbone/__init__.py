@@ -4,8 +4,9 @@ from .backbone import ResNetBackbone
 from .classification import ResNetForImageClassification, ResNetModel
 from .config import ResNetConfig
 from .hints import close_match_hint
-from .inference import compile_for_training, computes_bf16_natively, dense_parts, optimize_for_inference
+from .inference import compile_for_training, computes_bf16_natively, optimize_for_inference
 from .layers import NORM_TYPES, FrozenBatchNorm2d
+from .model_parts import dense_parts, register_dense_parts, register_foldable_norm
 from .out_features import align_out_features
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
@@ -33,4 +34,6 @@ __all__ = [
     "computes_bf16_natively",
     "dense_parts",
     "optimize_for_inference",
+    "register_dense_parts",
+    "register_foldable_norm",
 ]

@@ -11,42 +11,31 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.utils._pytree import tree_map
 
-from .layers import FrozenBatchNorm2d
+from .model_parts import declared_dense_parts, dense_parts, is_foldable_norm, register_dense_parts
+from .torch_compat import compile_without_autograd, cpu_computes_bf16_natively, is_compiled_module, tree_map
 from .trunk import ResNetPreTrainedModel
 from .weights.files import mark_optimized_for_inference
 
-# Norms that are a per-channel affine map in eval mode; GroupNorm depends on each input, so it stays.
-# torchvision's own FrozenBatchNorm2d is one too: the core does not import torchvision, so _is_foldable_norm
-# recognises it by its name and buffers.
-FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Accuracy against the unoptimised model: max abs difference as a fraction of the feature scale.
 FLOAT32_TOLERANCE = 1e-4
 LOW_PRECISION_TOLERANCE = 5e-2
-# The parts of a whole model that are dense convolutions on inputs of a fixed shape (for a fixed image
-# size), by the names torchvision's detectors and segmenters and segmentation_models_pytorch's models give
-# them. Anchors, matching, NMS, RoI pooling and post-processing sit outside them and stay eager in float32;
-# so do the RoI heads, whose inputs change shape with the number of proposals (each shape would compile).
-DENSE_PART_NAMES = (
-    "body", "fpn",  # a ResNetFPN / BackboneWithFPN on its own
-    "backbone", "backbone.body", "backbone.fpn",  # detectors: the ResNet and the FPN; segmenters: the body
-    "rpn.head", "head",  # Faster/Mask R-CNN's RPN head; RetinaNet's and FCOS's heads
-    "classifier", "aux_classifier",  # DeepLabV3's and FCN's heads
-    "encoder", "decoder", "segmentation_head",  # segmentation_models_pytorch
-)  # fmt: skip
+
+# This project's models are one dense part as a whole; adapters declare the parts of their frameworks' models.
+register_dense_parts(ResNetPreTrainedModel, [""])
 
 Model = TypeVar("Model", bound=nn.Module)
 _MODELS_IT_TAKES = (
-    "a ResNetBackbone, ResNetModel, ResNetForImageClassification or a whole model around one (a ResNetFPN, "
-    "torchvision's detectors and segmenters, a segmentation_models_pytorch model with a tu-rb_* encoder)"
+    "a ResNetBackbone, ResNetModel, ResNetForImageClassification or a whole model around one (e.g. a detector or "
+    "segmenter built by an adapter)"
 )
 
 
@@ -57,15 +46,13 @@ def optimize_for_inference(
     channels_last: bool = True,
     compile: bool = False,
     inplace: bool = False,
+    parts: Sequence[str] | None = None,
 ) -> Model:
     """A copy of ``model`` that computes the same outputs faster, in eval mode and without gradients.
 
-    ``model``: a ``ResNetBackbone``, ``ResNetModel`` or ``ResNetForImageClassification``; or a whole model
-    around one (torchvision's detectors and segmenters, e.g. from ``build_detector`` / ``build_segmenter``,
-    a ``ResNetFPN``, a segmentation_models_pytorch model with a ``tu-rb_*`` encoder), called exactly as before.
-
-    - BatchNorm (also frozen and sync) is folded into the convolution it follows, wherever it sits;
-      GroupNorm is kept. A BatchNorm that follows no convolution is left as it is, with a warning naming it.
+    - BatchNorm (also frozen and sync, and the norms an adapter declares foldable) is folded into the
+      convolution it follows, wherever it sits; GroupNorm is kept. A BatchNorm that follows no convolution is
+      left as it is, with a warning naming it.
     - ``channels_last``: weights in channels_last memory format; inputs may be either format.
     - ``dtype`` (``torch.bfloat16`` or ``torch.float16``): a backbone's parameters are cast, floating-point
       inputs are cast to it inside, and outputs come out in it. In a whole model only the dense parts (see
@@ -78,13 +65,39 @@ def optimize_for_inference(
       (each new input shape compiles once) and no autograd; on a CPU also with the C++ wrapper (see
       :func:`compile_for_inference`). On CUDA it also records CUDA graphs: an output is overwritten by the
       next call, so clone what you keep.
-    - ``inplace``: modify ``model`` itself instead of a copy (saves memory for large models).
 
-    The result keeps the original's class, attributes and output type, but its state dict (convolutions
-    with biases, no norms) is not a checkpoint of the original layout: ``save_pretrained`` and the exports
-    refuse it; save the original instead.
+    The dense parts of a whole model come from the adapter that builds or recognises its class (importing
+    ``resnet_backbone.adapters.<framework>`` declares them, see :func:`register_dense_parts`), or from
+    ``parts``. A model whose class declares none is one dense part as a whole: right for a plain network, not
+    for a detector whose post-processing would then run in ``dtype`` and be compiled with static shapes, so
+    with ``dtype`` or ``compile`` a warning says so. The library cannot tell the two apart by itself
+    without naming other libraries' classes, and a warning that names the fix keeps a plain network working.
+
+    Args:
+        model: a ``ResNetBackbone``, ``ResNetModel`` or ``ResNetForImageClassification``; or a whole model
+            around one (a detector or segmenter whose adapter is imported, or one given ``parts``), called
+            exactly as before.
+        dtype: ``None`` (float32), ``torch.bfloat16`` or ``torch.float16``.
+        channels_last: weights in channels_last memory format.
+        compile: compile each dense part with inductor and frozen weights.
+        inplace: modify ``model`` itself instead of a copy (saves memory for large models).
+        parts: names of the submodules to run in ``dtype`` and compile, instead of the declared dense parts
+            (``[""]``: the whole model).
+
+    Returns:
+        The optimised model. It keeps the original's class, attributes and output type, but its state dict
+        (convolutions with biases, no norms) is not a checkpoint of the original layout: ``save_pretrained``
+        and the exports refuse it; save the original instead.
+
+    Raises:
+        TypeError: ``model`` is not a module, is already wrapped by ``torch.compile``, or has no convolution.
+        ValueError: ``dtype`` is not one of the three above, or ``parts`` names no submodule of ``model``.
+
+    Example::
+
+        fast = optimize_for_inference(ResNetBackbone.from_preset("resnet18").eval(), dtype=torch.bfloat16)
     """
-    if not isinstance(model, nn.Module) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    if not isinstance(model, nn.Module) or is_compiled_module(model):
         raise TypeError(
             f"optimize_for_inference takes {_MODELS_IT_TAKES}, got {type(model).__name__}. Pass the model itself, "
             "before any torch.compile or wrapper."
@@ -97,6 +110,10 @@ def optimize_for_inference(
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be None or one of {', '.join(map(str, DTYPES))}, got {dtype}.")
     low_precision = dtype is not None and dtype != torch.float32
+    part_names = list(dense_parts(model, parts))
+    if low_precision or compile:
+        what = " and ".join([f"run in {dtype}"] * low_precision + ["compiled"] * compile)
+        _warn_if_undeclared(model, parts, "optimize_for_inference", what)
     device = next(model.parameters(), torch.empty(0)).device
     if dtype == torch.bfloat16 and not computes_bf16_natively(device):
         warnings.warn(
@@ -112,7 +129,7 @@ def optimize_for_inference(
         model.to(memory_format=torch.channels_last)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     whole_backbone = isinstance(model, ResNetPreTrainedModel)
-    for part in dense_parts(model).values():
+    for part in map(model.get_submodule, part_names):
         if low_precision:
             part.to(dtype)
             # Compiled, these casts would be graphs of their own, with guards checked per call.
@@ -125,26 +142,39 @@ def optimize_for_inference(
     return model
 
 
-def dense_parts(model: nn.Module) -> dict[str, nn.Module]:
-    """The parts of ``model`` that run dense convolutions on fixed-shape inputs, by name (see
-    ``DENSE_PART_NAMES``): the innermost named ones (a detector's ``backbone.body`` and ``backbone.fpn``
-    rather than its ``backbone``), or ``{"": model}`` when it names none (a backbone, a neck)."""
-    if isinstance(model, ResNetPreTrainedModel):
-        return {"": model}
-    found = {name: part for name in DENSE_PART_NAMES if isinstance(part := _submodule(model, name), nn.Module)}
-    innermost = {name: part for name, part in found.items() if not any(other.startswith(f"{name}.") for other in found)}
-    return innermost or {"": model}
-
-
-def compile_for_training(model: nn.Module) -> None:
+def compile_for_training(model: nn.Module, *, parts: Sequence[str] | None = None) -> None:
     """The fine-tuning fast path, in place: weights in channels_last, and each dense part of the model (its
     backbone, FPN and convolutional heads, see :func:`dense_parts`) compiled by inductor with
     static shapes, forward and backward; anchors, matching and the losses stay eager. The parameters stay the
     model's own, so frozen ones stay frozen and checkpoints keep their keys. Each new input shape compiles
-    once: train at a fixed image size. bf16 autocast comes from ``precision``, as without compiling."""
+    once: train at a fixed image size. bf16 autocast comes from ``precision``, as without compiling.
+
+    Args:
+        model: a backbone, or a whole model around one whose class an adapter declares dense parts for (as in
+            :func:`optimize_for_inference`, a class without a declaration compiles as a whole, with a warning).
+        parts: names of the submodules to compile, instead of the declared dense parts (``[""]``: the whole
+            model).
+
+    Raises:
+        ValueError: ``parts`` names no submodule of ``model``.
+    """
+    selected = dense_parts(model, parts)
+    _warn_if_undeclared(model, parts, "compile_for_training", "compiled")
     model.to(memory_format=torch.channels_last)
-    for part in dense_parts(model).values():
+    for part in selected.values():
         part.compile(dynamic=False)
+
+
+def _warn_if_undeclared(model: nn.Module, parts: Sequence[str] | None, caller: str, what: str) -> None:
+    if parts is None and declared_dense_parts(model) is None:
+        model_class = type(model)
+        warnings.warn(
+            f"{caller}: no dense parts are declared for {model_class.__name__} ({model_class.__module__}), so the "
+            f"whole model is {what}, post-processing included. Import the resnet_backbone adapter of its framework "
+            "(resnet_backbone.adapters.<framework>), which declares them, or pass parts=[...]: the names of its "
+            "submodules that run dense convolutions on fixed-shape inputs (parts=[''] for the whole model).",
+            stacklevel=3,
+        )
 
 
 def computes_bf16_natively(device: torch.device | str = "cpu") -> bool:
@@ -152,11 +182,17 @@ def computes_bf16_natively(device: torch.device | str = "cpu") -> bool:
 
     Elsewhere bfloat16 is emulated through float32 conversions and runs slower than float32, so the fast
     paths use it only where this is true.
+
+    Args:
+        device: a device or its name.
+
+    Returns:
+        True where bfloat16 is computed natively.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return cpu_computes_bf16_natively()
 
 
 def compile_for_inference(model: nn.Module) -> None:
@@ -167,16 +203,11 @@ def compile_for_inference(model: nn.Module) -> None:
     The C++ wrapper (no Python between the kernels) makes backbones and segmenters faster, at the cost of more
     compile time: a one-off per input shape, so the fast path takes the speed.
 
-    Freezing needs two things at trace time (the first call for each shape): gradients disabled, and the
-    global inductor config, which Dynamo reads (``torch.compile(options=...)`` only reaches inductor). So
-    every call of this model runs without autograd and under these settings; the rest of the process keeps
-    its own.
+    Freezing needs gradients disabled and inductor's global config at trace time, so every call of this model
+    runs without autograd and under these settings; the rest of the process keeps its own.
     """
     on_cuda = next(model.parameters()).is_cuda
-    settings = torch._inductor.config.patch(
-        {"freezing": True, "cpp_wrapper": not on_cuda, "triton.cudagraphs": on_cuda}
-    )
-    model._compiled_call_impl = settings(torch.no_grad()(torch.compile(model._call_impl, dynamic=False)))
+    compile_without_autograd(model, {"freezing": True, "cpp_wrapper": not on_cuda, "triton.cudagraphs": on_cuda})
 
 
 def _fold_batch_norms(model: nn.Module) -> None:
@@ -190,7 +221,7 @@ def _fold_batch_norms(model: nn.Module) -> None:
             convolution, norm = parent.get_submodule(convolution_name), parent.get_submodule(norm_name)
             _replace(parent, convolution_name, fuse_conv_bn_eval(convolution, norm))
             _replace(parent, norm_name, nn.Identity())
-    unfolded = [name for name, module in model.named_modules() if _is_foldable_norm(module)]
+    unfolded = [name for name, module in model.named_modules() if is_foldable_norm(module)]
     if unfolded:
         warnings.warn(
             f"optimize_for_inference left {len(unfolded)} norm(s) of {type(model).__name__} unfolded (no "
@@ -210,7 +241,7 @@ class _ChildrenAsLeaves(torch.fx.Tracer):
 def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
     """(convolution, norm) submodule names of ``parent`` where its ``forward`` feeds the convolution's output
     to the norm alone, each called once."""
-    if not any(_is_foldable_norm(child) for child in parent.children()):
+    if not any(is_foldable_norm(child) for child in parent.children()):
         return []
     try:
         with warnings.catch_warnings():
@@ -229,7 +260,7 @@ def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
             and times_called[source.target] == times_called[node.target] == 1
             and len(source.users) == 1
             and isinstance(parent.get_submodule(source.target), nn.Conv2d)
-            and _is_foldable_norm(parent.get_submodule(node.target))
+            and is_foldable_norm(parent.get_submodule(node.target))
         ):
             pairs.append((source.target, node.target))
     return pairs
@@ -238,19 +269,6 @@ def _conv_norm_pairs(parent: nn.Module) -> list[tuple[str, str]]:
 def _replace(parent: nn.Module, name: str, module: nn.Module) -> None:
     owner_name, _, attribute = name.rpartition(".")
     setattr(parent.get_submodule(owner_name), attribute, module)
-
-
-def _is_foldable_norm(module: nn.Module) -> bool:
-    if isinstance(module, FOLDABLE_NORMS):
-        return True
-    statistics = ("weight", "bias", "running_mean", "running_var", "eps")
-    return type(module).__name__ == "FrozenBatchNorm2d" and all(hasattr(module, name) for name in statistics)
-
-
-def _submodule(model: nn.Module, name: str) -> Any:
-    for attribute in name.split("."):
-        model = getattr(model, attribute, None)
-    return model
 
 
 def _cast_inputs(

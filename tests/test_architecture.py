@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,31 @@ from pathlib import Path
 
 import pytest
 
+from resnet_backbone.adapters.torchvision import DENSE_PARTS
+
 REPOSITORY = Path(__file__).resolve().parents[1]
+CORE = [*REPOSITORY.glob("resnet_backbone/*.py"), *REPOSITORY.glob("resnet_backbone/weights/**/*.py")]
+LINKED = ("adapters", "benchmarks")  # linked into the package: read once, from the repository's top
+SHIPPED = [
+    *(
+        path
+        for path in (REPOSITORY / "resnet_backbone").rglob("*.py")
+        if path.relative_to(REPOSITORY).parts[1] not in LINKED
+    ),
+    *(path for folder in LINKED for path in (REPOSITORY / folder).rglob("*.py")),
+]
+# What only the adapters know about their frameworks' models: the classes they declare dense parts for, the
+# attribute paths of those parts that the core's own models do not have, and segmentation_models_pytorch.
+# "torchvision" and "timm" are not in it: the weights package reads and writes their checkpoint layouts by
+# name (weights/layouts.py's key table, from_torchvision / from_timm, and weights/sources.py's loaders of a
+# torchvision weights enum or a timm model name, the two deferred imports the contract ignores), and the core's
+# prose compares its conventions to theirs; whether the core imports them is import-linter's job.
+FRAMEWORK_MODEL_NAMES = re.compile(
+    r"\b(" + "|".join(model_class.__name__ for model_class in DENSE_PARTS) + r")\b"
+    r"|\brpn\b|aux_classifier|segmentation_head|segmentation_models_pytorch|\bsmp\b|tu-rb_"
+    r"|__(qual)?name__\s*(==|!=|in\b)"  # a class recognised by its name rather than its type
+)
+PRIVATE_TORCH_API = re.compile(r"\btorch(\.\w+)*\._[A-Za-z]|\._(compiled_)?call_impl\b|\._orig_mod\b|_EventType")
 LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 
@@ -67,3 +92,24 @@ def test_importing_the_core_loads_no_framework_it_adapts_to():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def _lines_matching(pattern: re.Pattern, paths: list[Path]) -> list[str]:
+    return [
+        f"{path.relative_to(REPOSITORY)}:{number}: {line.strip()}"
+        for path in sorted(paths)
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if pattern.search(line)
+    ]
+
+
+def test_the_core_names_no_framework_model_or_attribute():
+    """The adapters declare their frameworks' dense parts and norms (register_dense_parts,
+    register_foldable_norm); the core refers to none of their classes or attribute paths."""
+    assert _lines_matching(FRAMEWORK_MODEL_NAMES, CORE) == []
+
+
+def test_private_torch_apis_are_reached_only_from_torch_compat():
+    """The one module that checks each private API and names it when a torch release changes it."""
+    outside = [path for path in SHIPPED if path != REPOSITORY / "resnet_backbone" / "torch_compat.py"]
+    assert _lines_matching(PRIVATE_TORCH_API, outside) == []

@@ -3,6 +3,8 @@ same output type, and the caller's model left as it was."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms, slow_param
@@ -13,9 +15,11 @@ from resnet_backbone import (
     ResNetBackbone,
     ResNetForImageClassification,
     ResNetModel,
+    computes_bf16_natively,
     optimize_for_inference,
 )
 from resnet_backbone.layers import NORM_TYPES, ConvLayer
+from resnet_backbone.torch_compat import compile_without_autograd
 
 FLOAT32_TOLERANCE = 1e-4  # times the feature scale, as documented
 LOW_PRECISION_TOLERANCE = 5e-2
@@ -193,3 +197,13 @@ def test_compiled_fast_path_matches_original_for_both_memory_formats():
     optimized.encoder.stages[-1].layers[-1].layer[-1].convolution.weight.mul_(2)
     assert torch.equal(optimized(pixel_values).feature_maps[-1], frozen), "weights are constants, as documented"
     assert not torch._inductor.config.freezing, "freezing applies to this model's calls, not to the process"
+
+
+def test_a_private_torch_api_that_changed_is_named_with_the_torch_version(monkeypatch):
+    """As a torch release without it would: the one module that reaches private APIs says which and why."""
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    changed = rf"torch {re.escape(torch.__version__)} changed torch\.cpu\._is_amx_tile_supported, a private torch API"
+    with pytest.raises(RuntimeError, match=changed + " that resnet_backbone needs to tell whether this CPU computes"):
+        computes_bf16_natively("cpu")
+    with pytest.raises(RuntimeError, match=r"changed torch\._inductor\.config\.no_such_setting"):
+        compile_without_autograd(backbone(**TINY_BASIC), {"no_such_setting": True})

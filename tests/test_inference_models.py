@@ -17,9 +17,17 @@ from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import resnet_backbone.adapters.timm  # noqa: F401  (registers the tu-rb_ encoders with timm)
-from resnet_backbone import ResNetBackbone, computes_bf16_natively, dense_parts, optimize_for_inference
+from resnet_backbone import (
+    ResNetBackbone,
+    compile_for_training,
+    computes_bf16_natively,
+    dense_parts,
+    optimize_for_inference,
+    register_dense_parts,
+)
 from resnet_backbone.adapters.torchvision import build_detector, build_segmenter, load_torchvision_weights
-from resnet_backbone.inference import FLOAT32_TOLERANCE, FOLDABLE_NORMS, LOW_PRECISION_TOLERANCE
+from resnet_backbone.inference import FLOAT32_TOLERANCE, LOW_PRECISION_TOLERANCE
+from resnet_backbone.model_parts import FOLDABLE_NORMS
 
 SMALL_DETECTION = dict(min_size=96, max_size=128)
 # Faster R-CNN (an RPN and RoI heads) and RetinaNet (a one-stage head): torchvision's classes on its own
@@ -187,3 +195,59 @@ def test_a_norm_that_follows_no_convolution_is_left_and_named_once():
     pixel_values = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         assert relative_diff(model(pixel_values), optimized(pixel_values)) <= FLOAT32_TOLERANCE
+
+
+def test_parts_replace_the_declared_ones_and_a_wrong_name_is_a_clear_error(images):
+    original = tiny_fcn()
+    optimized = optimize_for_inference(original, dtype=torch.bfloat16, parts=["classifier"])
+    assert {p.dtype for p in optimized.classifier.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in optimized.backbone.parameters()} == {torch.float32}
+    with torch.no_grad():
+        expected, actual = original(images)["out"], optimized(images)["out"]
+    assert actual.dtype == torch.float32
+    assert relative_diff(expected, actual) <= LOW_PRECISION_TOLERANCE
+    compile_for_training(original, parts=["backbone"])  # compiles at the first call: nothing runs here
+    assert original.backbone._compiled_call_impl is not None and original.classifier._compiled_call_impl is None
+    with pytest.raises(ValueError, match=r"FCN has no submodule 'clasifier'\. Did you mean 'classifier'\?"):
+        optimize_for_inference(original, parts=["clasifier"])
+    with pytest.raises(ValueError, match=r"parts must not nest: 'backbone\.backbone' lies inside 'backbone'"):
+        dense_parts(original, ["backbone", "backbone.backbone"])
+
+
+class TwoStageNet(nn.Module):
+    """A user's own model, with attribute names that torchvision's detectors also use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(pixel_values)).softmax(1)
+
+
+def test_a_model_without_declared_parts_is_one_part_with_a_warning_until_declared(images):
+    """No attribute name is guessed: an undeclared class is optimised as a whole, and low precision or compiling
+    says so and how to declare its parts; a declaration or ``parts`` replaces the whole."""
+    model = randomize_norms(TwoStageNet()).eval()
+    assert dense_parts(model) == {"": model}
+    with pytest.warns(UserWarning, match=r"no dense parts are declared for TwoStageNet .* pass parts=\[\.\.\.\]"):
+        optimized = optimize_for_inference(model, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert optimized(images).dtype == torch.float32
+        assert relative_diff(model(images), optimized(images)) <= LOW_PRECISION_TOLERANCE
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no dense parts are declared")
+        optimize_for_inference(model)  # float32 and eager: the parts change nothing, so nothing to say
+        optimize_for_inference(model, dtype=torch.bfloat16, parts=[""])
+
+    class DeclaredTwoStageNet(TwoStageNet):
+        pass
+
+    register_dense_parts(DeclaredTwoStageNet, ["backbone"])
+    declared = DeclaredTwoStageNet().eval()
+    assert list(dense_parts(declared)) == ["backbone"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no dense parts are declared")
+        optimized = optimize_for_inference(declared, dtype=torch.bfloat16)
+    assert {p.dtype for p in optimized.head.parameters()} == {torch.float32}

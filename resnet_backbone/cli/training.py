@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..inference import compile_for_training, computes_bf16_natively
+from ..torch_compat import tree_map
 from ..weights import CheckpointMismatchError, LoadReport, load_placed
 from ..weights.files import atomic_write
 from .distributed import convert_sync_batchnorm
