@@ -65,8 +65,11 @@ def register_foldable_norm(norm_class: type[nn.Module]) -> None:
 
 
 def is_foldable_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a norm of :data:`FOLDABLE_NORMS` or of a class declared foldable."""
-    return isinstance(module, (*FOLDABLE_NORMS, *_registered_norms))
+    """Whether ``module`` is a norm of :data:`FOLDABLE_NORMS` or of a class declared foldable. A subclass that
+    overrides ``forward`` computes more than the affine map (timm's ``BatchNormAct2d`` adds an activation),
+    so folding it would drop that: it is not foldable."""
+    foldable = (*FOLDABLE_NORMS, *_registered_norms)
+    return isinstance(module, foldable) and type(module).forward in {norm.forward for norm in foldable}
 
 
 def declared_dense_parts(model: nn.Module) -> tuple[str, ...] | None:

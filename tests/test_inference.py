@@ -166,6 +166,18 @@ def test_group_norm_is_kept_because_it_depends_on_the_input(images):
         assert_same_features(original(images), optimized(images), FLOAT32_TOLERANCE)
 
 
+def test_a_norm_subclass_that_computes_more_than_the_affine_map_is_kept():
+    """timm's BatchNormAct2d is an nn.BatchNorm2d whose forward also applies an activation: folding it into
+    the convolution would drop the ReLU."""
+    from timm.layers import BatchNormAct2d
+
+    original = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.ReLU))).eval()
+    optimized = optimize_for_inference(original, channels_last=False)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert isinstance(optimized[1], BatchNormAct2d) and max_abs_diff(original(images), optimized(images)) < 1e-5
+
+
 def test_unsupported_models_dtypes_and_inputs_are_clear_errors():
     with pytest.raises(TypeError, match="takes a ResNetBackbone.*got str"):
         optimize_for_inference("resnet18")
