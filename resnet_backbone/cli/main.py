@@ -10,12 +10,12 @@ from pathlib import Path
 from ..adapters.torchvision import resnet_fpn_backbone
 from ..backbone import ResNetBackbone
 from ..config import ResNetConfig
+from ..export import LOWEST_OPSET, check_opset, export_onnx, external_data_path, onnx_max_abs_diff, output_names
 from ..presets import PRESETS
 from ..weights.files import CONFIG_NAME, WEIGHTS_NAMES
 from .arguments import ArgumentParser, output_directory, output_file, positive_int, refuse_existing
 from .convert import FORMATS, convert
 from .demo import DemoOptions, run_demo
-from .deploy import LOWEST_OPSET, check_opset, export_onnx, external_data_path, onnx_max_abs_diff, output_names
 from .evaluation import add_arguments as add_evaluation_arguments
 from .evaluation import run as run_evaluation
 from .info import format_stage_table, stage_rows

@@ -29,10 +29,10 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from ..distributed import convert_sync_batchnorm
 from ..inference import compile_for_training, computes_bf16_natively
 from ..weights import CheckpointMismatchError, LoadReport, load_placed
 from ..weights.files import atomic_write
-from .distributed import convert_sync_batchnorm
 
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the device computes it natively, else fp32
 CHECKPOINT_NAME = "checkpoint.pt"
