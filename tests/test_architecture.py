@@ -63,7 +63,7 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, broken):
 def test_importing_the_core_loads_no_framework_it_adapts_to():
     frameworks = {"timm", "torchvision", "transformers", "matplotlib", "torch._dynamo", "onnx", "onnxruntime"}
     code = (
-        "import sys, resnet_backbone, resnet_backbone.export, resnet_backbone.distributed; "
+        "import sys, resnet_backbone, resnet_backbone.conversion, resnet_backbone.distributed, resnet_backbone.export; "
         f"print(sorted({frameworks!r} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

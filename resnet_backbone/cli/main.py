@@ -12,9 +12,8 @@ from ..backbone import ResNetBackbone
 from ..config import ResNetConfig
 from ..export import LOWEST_OPSET, check_opset, export_onnx, external_data_path, onnx_max_abs_diff, output_names
 from ..presets import PRESETS
-from ..weights.files import CONFIG_NAME, WEIGHTS_NAMES
+from . import convert
 from .arguments import ArgumentParser, output_directory, output_file, positive_int, refuse_existing
-from .convert import FORMATS, convert
 from .demo import DemoOptions, run_demo
 from .evaluation import add_arguments as add_evaluation_arguments
 from .evaluation import run as run_evaluation
@@ -53,18 +52,6 @@ def _run_info(args: argparse.Namespace) -> None:
         raise ValueError(f"--input has {args.input[0]} channels but the model expects {config.num_channels}.")
     print(f"{args.model}: input 1x{'x'.join(map(str, args.input))}, out_features {config.out_features}")
     print(format_stage_table(stage_rows(config, args.input)))
-
-
-def _run_convert(args: argparse.Namespace) -> None:
-    if args.target_format == "hf":
-        directory = output_directory(args.destination)
-        refuse_existing([directory / CONFIG_NAME, directory / WEIGHTS_NAMES[0]], args.overwrite)
-    else:
-        refuse_existing([output_file(args.destination)], args.overwrite)
-    result = convert(args.source, args.destination, source_format=args.source_format, target_format=args.target_format)
-    formats = f"{result.source_format} -> {result.target_format}"
-    print(f"converted {result.architecture} ({formats}): {result.destination}")
-    print(f"max abs difference between the two libraries' outputs on one random input: {result.max_abs_diff:.3g}")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -107,15 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--input", type=_input_shape, default=(3, 224, 224), metavar="CxHxW", help="default 3x224x224")
     info.set_defaults(run=_run_info)
 
-    converter = verbs.add_parser("convert", help="convert a checkpoint between transformers, torchvision and timm")
-    converter.add_argument(
-        "source", metavar="SRC", help="file, directory, Hub repo id, torchvision weights or timm name"
-    )
-    converter.add_argument("destination", metavar="DST", help="a directory for --to hf, a file otherwise")
-    converter.add_argument("--from", dest="source_format", choices=("auto", *FORMATS), default="auto")
-    converter.add_argument("--to", dest="target_format", choices=FORMATS, default="hf")
-    converter.add_argument("--overwrite", action="store_true", help="replace DST's checkpoint if it holds one")
-    converter.set_defaults(run=_run_convert)
+    converter = verbs.add_parser("convert", help=convert.HELP)
+    convert.add_arguments(converter).set_defaults(run=convert.run)
 
     demo = verbs.add_parser("demo", help="fine-tune an FCOS detector on synthetic shapes, on the CPU, and show it")
     defaults = DemoOptions()
