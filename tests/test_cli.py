@@ -229,6 +229,7 @@ def test_export_onnx_replaces_an_earlier_file_only_with_overwrite(tmp_path, run_
         ("resnet_backbone.cli.deploy", "resnet_backbone.export", "export_onnx"),
         ("resnet_backbone.cli.deploy", "resnet_backbone.export", "dynamic_shapes"),
         ("resnet_backbone.cli.distributed", "resnet_backbone.distributed", "convert_sync_batchnorm"),
+        ("resnet_backbone.cli.training", "resnet_backbone.training.engine", "TrainingOptions"),
     ],
 )
 def test_a_moved_name_still_imports_from_its_old_path_with_a_deprecation_warning(old_module, new_module, name):

@@ -25,17 +25,25 @@ from torch.utils.data import Dataset
 
 from ..adapters.torchvision import detection_loss
 from ..presets import PRESETS
+from ..training.data.augmentation import detection_transforms, segmentation_transforms
+from ..training.data.coco import BACKGROUND, CocoFolder
+from ..training.data.masks import IGNORE_INDEX, MaskFolder
+from ..training.data.synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
+from ..training.engine import CHECKPOINT_NAME, LOG_NAME, PRECISIONS, TrainingOptions, World, distributed_world, fit
+from ..training.evaluation import BEST_DIR, METRICS_NAME, PeriodicEvaluation, evaluation_data
+from ..training.run_folder import refuse_to_mix_runs, remove_run, run_folder_lock
+from ..training.task_model import (
+    IMAGE_POOLING_SEGMENTERS,
+    SEGMENTERS,
+    TaskSpec,
+    backbone_of,
+    build_task_model,
+    save_task_model,
+)
 from ..weights.architecture import describe
 from .arguments import existing_directory, non_negative_float, non_negative_int, output_directory, positive_int
-from .augmentation import detection_transforms, segmentation_transforms
-from .coco import BACKGROUND, CocoFolder
-from .evaluation import BEST_DIR, METRICS_NAME, PeriodicEvaluation, evaluation_data
-from .masks import IGNORE_INDEX, MaskFolder
-from .run_folder import refuse_to_mix_runs, remove_run, run_folder_lock
-from .synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
-from .task_model import IMAGE_POOLING_SEGMENTERS, SEGMENTERS, TaskSpec, backbone_of, build_task_model, save_task_model
-from .training import CHECKPOINT_NAME, LOG_NAME, PRECISIONS, TrainingOptions, World, distributed_world, fit
 
+HELP = "fine-tune a detector or segmenter, alone or under torchrun"
 DETECTORS = ("fcos", "fasterrcnn", "maskrcnn", "retinanet")
 MODEL_DIR = "model"
 BACKBONE_DIR = "backbone"

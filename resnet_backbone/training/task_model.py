@@ -26,7 +26,7 @@ from ..trunk import ResNetTrunk
 from ..weights import LoadReport, load_checkpoint, load_placed
 from ..weights.architecture import describe
 from ..weights.files import atomic_write
-from .coco import Category
+from .data.coco import Category
 
 TASK_NAME = "task.json"
 WEIGHTS_NAME = "task_model.pt"
