@@ -3,8 +3,10 @@ script calls), and the installed console script itself once."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
+import warnings
 
 import onnx
 import pytest
@@ -219,3 +221,25 @@ def test_export_onnx_replaces_an_earlier_file_only_with_overwrite(tmp_path, run_
     assert code == 0, stderr
     onnx.checker.check_model(tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "m.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("old_module", "new_module", "name"),
+    [
+        ("resnet_backbone.cli.deploy", "resnet_backbone.export", "export_onnx"),
+        ("resnet_backbone.cli.deploy", "resnet_backbone.export", "dynamic_shapes"),
+        ("resnet_backbone.cli.distributed", "resnet_backbone.distributed", "convert_sync_batchnorm"),
+        ("resnet_backbone.cli.training", "resnet_backbone.training.engine", "TrainingOptions"),
+    ],
+)
+def test_a_moved_name_still_imports_from_its_old_path_with_a_deprecation_warning(old_module, new_module, name):
+    """Importing the old module is silent; using a moved name from it warns, names the new home, and gives the
+    very object that lives there."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old = importlib.import_module(old_module)
+    with pytest.warns(DeprecationWarning, match=rf"{old_module}\.{name} moved to {new_module}\.{name}"):
+        moved = getattr(old, name)
+    assert moved is getattr(importlib.import_module(new_module), name)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        old.no_such_name  # noqa: B018

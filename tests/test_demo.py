@@ -9,7 +9,12 @@ import matplotlib.image
 import pytest
 import torch
 
-from resnet_backbone.cli.synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, render_scene
+from resnet_backbone.training.data.synthetic import (
+    SHAPE_CLASSES,
+    SyntheticDetection,
+    SyntheticSegmentation,
+    render_scene,
+)
 
 
 def test_scenes_are_reproducible_and_boxes_bound_their_shapes():

@@ -11,10 +11,9 @@ import pytest
 import torch
 from helpers import ALL_STAGES, TINY_BASIC, TINY_BOTTLENECK, max_abs_diff, randomize_norms
 
-from resnet_backbone import BackboneOutput, ResNetBackbone
+from resnet_backbone import BackboneOutput, ResNetBackbone, export
 from resnet_backbone.adapters.torchvision import ResNetBody, resnet_fpn_backbone
-from resnet_backbone.cli import deploy
-from resnet_backbone.cli.deploy import dynamic_shapes, export_onnx
+from resnet_backbone.export import dynamic_shapes, export_onnx
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -119,7 +118,7 @@ def test_onnx_export_is_one_self_contained_file_with_named_dynamic_outputs_that_
 
 @pytest.mark.slow
 def test_weights_too_large_to_embed_go_to_a_data_file_named_after_the_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(deploy, "EXTERNAL_DATA_THRESHOLD", 0)  # a model over 2 GB, without building one
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)  # a model over 2 GB, without building one
     backbone = tiny_backbone()
     (tmp_path / "export").mkdir()
     export_onnx(backbone, tmp_path / "export" / "backbone.onnx")
@@ -143,17 +142,17 @@ def test_a_failed_onnx_export_leaves_nothing_behind(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opset", [deploy.LOWEST_OPSET, 20])
+@pytest.mark.parametrize("opset", [export.LOWEST_OPSET, 20])
 def test_onnx_export_writes_the_opset_asked_for(tmp_path, opset):
     backbone = tiny_backbone()
     path = export_onnx(backbone, tmp_path / "backbone.onnx", opset=opset)
     assert [(op.domain, op.version) for op in onnx.load(path).opset_import] == [("", opset)]
-    assert deploy.onnx_max_abs_diff(path, backbone, [(1, 64, 96)]) <= 1e-4
+    assert export.onnx_max_abs_diff(path, backbone, [(1, 64, 96)]) <= 1e-4
 
 
-@pytest.mark.parametrize("opset", [3, 11, deploy.LOWEST_OPSET - 1, onnx.defs.onnx_opset_version() + 1])
+@pytest.mark.parametrize("opset", [3, 11, export.LOWEST_OPSET - 1, onnx.defs.onnx_opset_version() + 1])
 def test_an_opset_the_exporter_cannot_write_is_refused_before_exporting(tmp_path, opset):
-    supported = f"opsets {deploy.LOWEST_OPSET} to {onnx.defs.onnx_opset_version()}"
+    supported = f"opsets {export.LOWEST_OPSET} to {onnx.defs.onnx_opset_version()}"
     with pytest.raises(ValueError, match=f"ONNX opset {opset} is not supported: the exporter writes {supported}"):
         export_onnx(tiny_backbone(), tmp_path / "backbone.onnx", opset=opset)
     assert not any(tmp_path.iterdir())

@@ -20,8 +20,8 @@ from PIL import Image
 
 from resnet_backbone import ResNetBackbone
 from resnet_backbone.cli.main import main
-from resnet_backbone.cli.run_folder import LOCK_NAME, run_folder_lock
-from resnet_backbone.cli.training import json_line
+from resnet_backbone.training.engine import json_line
+from resnet_backbone.training.run_folder import LOCK_NAME, run_folder_lock
 
 # A tiny backbone under FCOS, on a few 32-pixel synthetic images: one training step takes seconds.
 TINY_TRAIN = ["--train-images", "4", "--image-size", "32", "--batch-size", "2", "--precision", "fp32"]

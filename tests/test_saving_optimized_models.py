@@ -8,7 +8,7 @@ from helpers import TINY_BASIC, randomize_norms
 
 from resnet_backbone import ResNetBackbone, optimize_for_inference
 from resnet_backbone.adapters.torchvision import build_detector
-from resnet_backbone.cli.task_model import TaskSpec, save_task_model
+from resnet_backbone.training.task_model import TaskSpec, save_task_model
 
 REFUSAL = "was optimised for inference .* Save the original model instead"
 

@@ -16,8 +16,8 @@ from helpers import TINY_BASIC
 from torch import nn
 
 from resnet_backbone import ResNetBackbone, ResNetConfig, compile_for_training
-from resnet_backbone.cli.distributed import convert_sync_batchnorm
 from resnet_backbone.cli.main import main
+from resnet_backbone.distributed import convert_sync_batchnorm
 
 TINY_RUN = ["--train-images", "16", "--image-size", "64", "--batch-size", "4", "--precision", "fp32"]
 

@@ -21,14 +21,14 @@ from torch import nn
 
 from resnet_backbone import ResNetBackbone, ResNetConfig
 from resnet_backbone.adapters.torchvision import build_detector, detection_loss
-from resnet_backbone.cli.augmentation import detection_transforms
-from resnet_backbone.cli.coco import CocoFolder
-from resnet_backbone.cli.evaluation import evaluate
-from resnet_backbone.cli.evaluation import run as evaluation_run
+from resnet_backbone.cli.evaluate import run as evaluation_run
 from resnet_backbone.cli.main import main
-from resnet_backbone.cli.masks import IGNORE_INDEX, MaskFolder
-from resnet_backbone.cli.synthetic import collate_detection
-from resnet_backbone.cli.task_model import (
+from resnet_backbone.training.data.augmentation import detection_transforms
+from resnet_backbone.training.data.coco import CocoFolder
+from resnet_backbone.training.data.masks import IGNORE_INDEX, MaskFolder
+from resnet_backbone.training.data.synthetic import collate_detection
+from resnet_backbone.training.evaluation import evaluate
+from resnet_backbone.training.task_model import (
     IMAGE_POOLING_SEGMENTERS,
     SEGMENTERS,
     TaskSpec,

@@ -1,5 +1,6 @@
-"""The applications tier: the ``resnet-backbone`` command line and what only it uses (stage tables,
-checkpoint conversion, the demo and its synthetic data, the fine-tuning loop, deployment exports).
+"""The ``resnet-backbone`` command line: one module per verb (``add_arguments(parser)`` and ``run(args)``),
+registered in ``main.VERBS``. Each verb parses its arguments and calls the core, the adapters or the
+application package (``resnet_backbone.training``); the work itself lives there.
 
-It sits on top of the core and the adapters; nothing below imports it.
+Nothing below imports it.
 """

@@ -1,150 +1,36 @@
-"""Convert a checkpoint between transformers', torchvision's and timm's layouts, and prove it.
-
-After writing, both sides run in their own library on the same random input: the source weights in the
-source library's model, the written file in the destination library's model.
-"""
+"""``resnet-backbone convert SRC DST``: a checkpoint from one library's layout to another's, proved by running
+both libraries' models on one input (``resnet_backbone.conversion`` does the work)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
+import argparse
 
-import timm
-import torch
-import torchvision
-from torch import nn
+from ..conversion import FORMATS, check_source_kind, convert_checkpoint
+from ..weights.files import CONFIG_NAME, WEIGHTS_NAMES
+from .arguments import output_directory, output_file, refuse_existing
 
-from ..classification import ResNetForImageClassification, ResNetModel
-from ..config import ResNetConfig
-from ..presets import PRESETS
-from ..weights.architecture import describe
-from ..weights.export import export_problems
-from ..weights.files import CONFIG_NAME, WEIGHTS_NAMES, locate_checkpoint, read_state_dict, write_state_dict_file
-from ..weights.layouts import detect_layout, strip_known_prefixes
-from ..weights.sources import timm_checkpoint, torchvision_checkpoint
-
-FORMATS = ("hf", "torchvision", "timm")
-# What each library names its weights by, besides a file.
-_NAMED_SOURCES = {
-    "torchvision": "a torchvision weights name (e.g. ResNet50_Weights.IMAGENET1K_V2)",
-    "timm": "a timm model name (e.g. resnet50.a1_in1k)",
-}
+HELP = "convert a checkpoint between transformers, torchvision and timm"
 
 
-@dataclass(frozen=True)
-class Conversion:
-    source_format: str
-    target_format: str
-    destination: Path
-    architecture: str
-    max_abs_diff: float
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("source", metavar="SRC", help="file, directory, Hub repo id, torchvision weights or timm name")
+    parser.add_argument("destination", metavar="DST", help="a directory for --to hf, a file otherwise")
+    parser.add_argument("--from", dest="source_format", choices=("auto", *FORMATS), default="auto")
+    parser.add_argument("--to", dest="target_format", choices=FORMATS, default="hf")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST's checkpoint if it holds one")
+    return parser
 
 
-def convert(
-    source: str, destination: str | os.PathLike, *, source_format: str = "auto", target_format: str = "hf"
-) -> Conversion:
-    """Load ``source`` (file, directory, Hub id, torchvision weights name or timm name), write it in
-    ``target_format`` to ``destination`` (a directory for hf, a file otherwise), and compare outputs."""
-    if target_format not in FORMATS:
-        raise ValueError(f"--to must be one of {FORMATS}, got {target_format!r}.")
-    source_format = detect_format(source) if source_format == "auto" else source_format
-    model = _load(source, source_format)
-    destination = Path(destination)
-    if target_format == "hf":
-        model.save_pretrained(destination)
+def run(args: argparse.Namespace) -> None:
+    """Refuse to replace an earlier result without ``--overwrite``, convert, and print the difference."""
+    check_source_kind(args.source, args.source_format, option="--from")
+    if args.target_format == "hf":
+        directory = output_directory(args.destination)
+        refuse_existing([directory / CONFIG_NAME, directory / WEIGHTS_NAMES[0]], args.overwrite)
     else:
-        problems = export_problems(model.config, target_format)
-        if problems:
-            raise ValueError(f"{target_format} cannot represent {describe(model.config)}: {'; '.join(problems)}.")
-        write_state_dict_file(destination, getattr(model, f"to_{target_format}_state_dict")())
-    torch.manual_seed(0)
-    pixel_values = torch.randn(2, model.config.num_channels, 224, 224)
-    with torch.no_grad():
-        expected = _peer_model(source_format, model, source)(pixel_values)
-        actual = _peer_model(target_format, model, destination)(pixel_values)
-    return Conversion(
-        source_format, target_format, destination, describe(model.config), (expected - actual).abs().max().item()
+        refuse_existing([output_file(args.destination)], args.overwrite)
+    result = convert_checkpoint(
+        args.source, args.destination, source_format=args.source_format, target_format=args.target_format
     )
-
-
-def detect_format(source: str) -> str:
-    """Which library ``source`` comes from: by what it is, then by its keys."""
-    path = Path(source)
-    if path.is_dir():
-        return "hf"
-    if path.is_file():
-        layout = detect_layout(list(strip_known_prefixes(read_state_dict(path))))
-        if layout is None:
-            return "hf"
-        return "torchvision" if layout.stem_type == "default" and not layout.avg_down else "timm"
-    if "_Weights." in source:
-        return "torchvision"
-    if timm.is_model(source):
-        return "timm"
-    return "hf"
-
-
-def _load(source: str, source_format: str) -> ResNetModel | ResNetForImageClassification:
-    if source_format == "hf":
-        _, weights = locate_checkpoint(source)
-        has_classifier = any(key.endswith("classifier.1.weight") for key in read_state_dict(weights))
-        model_class = ResNetForImageClassification if has_classifier else ResNetModel
-        return model_class.from_pretrained(source)
-    if source_format not in FORMATS:
-        raise ValueError(f"--from must be auto or one of {FORMATS}, got {source_format!r}.")
-    if Path(source).is_dir():
-        raise ValueError(
-            f"--from {source_format} takes {_NAMED_SOURCES[source_format]} or a checkpoint file, got {source}, a "
-            f"folder; a folder with {CONFIG_NAME} and {' or '.join(WEIGHTS_NAMES)} is --from hf (or auto)."
-        )
-    checkpoint = (torchvision_checkpoint if source_format == "torchvision" else timm_checkpoint)(source)
-    has_classifier = any(key.endswith("fc.weight") for key in checkpoint.state_dict)
-    model_class = ResNetForImageClassification if has_classifier else ResNetModel
-    return getattr(model_class, f"from_{source_format}")(checkpoint.state_dict, **checkpoint.config_fields)
-
-
-class _Outputs(nn.Module):
-    """Logits, or pooled features for a headless model, whatever the library."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model.eval()
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        output = self.model(pixel_values)
-        if isinstance(output, torch.Tensor):
-            return output.flatten(1)
-        return output.logits if hasattr(output, "logits") else output.pooler_output.flatten(1)
-
-
-def _peer_model(library: str, model: nn.Module, weights: str | Path) -> _Outputs:
-    """``library``'s own model of ``model``'s architecture, holding the weights found at ``weights``."""
-    config: ResNetConfig = model.config
-    has_classifier = isinstance(model, ResNetForImageClassification)
-    if library == "hf":
-        return _Outputs(_transformers_model(model, weights))
-    preset = describe(config)
-    if preset not in PRESETS:  # an architecture the peer has no builder for: compare with ourselves
-        return _Outputs(model)
-    if library == "torchvision":
-        peer = getattr(torchvision.models, preset)(num_classes=config.num_labels if has_classifier else 1000)
-        if not has_classifier:
-            peer.fc = nn.Identity()
-        state_dict = torchvision_checkpoint(str(weights) if Path(weights).exists() else weights).state_dict
-    else:
-        peer = timm.create_model(preset, num_classes=config.num_labels if has_classifier else 0)
-        state_dict = timm_checkpoint(str(weights) if Path(weights).exists() else weights).state_dict
-    peer.load_state_dict(strip_known_prefixes(state_dict), strict=True)
-    return _Outputs(peer)
-
-
-def _transformers_model(model: nn.Module, weights: str | Path) -> nn.Module:
-    """transformers' own model where it can load the checkpoint (it is optional at run time), else ours."""
-    try:
-        import transformers
-    except ImportError:
-        transformers = None
-    if transformers is None or model.config.transformers_incompatibilities() or Path(weights).is_file():
-        return type(model).from_pretrained(weights)
-    return getattr(transformers, type(model).__name__).from_pretrained(weights)
+    print(f"converted {result.architecture} ({result.source_format} -> {result.target_format}): {result.destination}")
+    print(f"max abs difference between the two libraries' outputs on one random input: {result.max_abs_diff:.3g}")

@@ -1,35 +1,6 @@
-"""Distributed training helpers: SyncBatchNorm conversion that respects frozen stages."""
+"""Deprecated: SyncBatchNorm conversion lives in :mod:`resnet_backbone.distributed`; this path forwards there,
+with a ``DeprecationWarning``, for one release."""
 
-from __future__ import annotations
+from .deprecated import forward_to
 
-import warnings
-
-import torch.distributed
-from torch import nn
-
-from ..trunk import ResNetTrunk
-
-
-def convert_sync_batchnorm(model: nn.Module, process_group: torch.distributed.ProcessGroup | None = None) -> nn.Module:
-    """torch's ``SyncBatchNorm.convert_sync_batchnorm``, except inside the frozen stages of this project's
-    backbones: their norms (BatchNorm kept in eval mode, or FrozenBatchNorm) stay as they are, so frozen
-    stays frozen. Returns the converted model (a new object only when ``model`` itself is a BatchNorm)."""
-    trunks = [module for module in model.modules() if isinstance(module, ResNetTrunk)]
-    if any(trunk.config.norm_eval for trunk in trunks):
-        warnings.warn(
-            "Converting to SyncBatchNorm a backbone with norm_eval=True: its norms stay in eval mode and are "
-            "never synchronised. Drop norm_eval, or do not convert.",
-            stacklevel=2,
-        )
-    frozen = {id(stage) for trunk in trunks for stage in trunk.frozen_modules()}
-    return _convert(model, frozen, process_group)
-
-
-def _convert(module: nn.Module, frozen: set[int], process_group) -> nn.Module:
-    if id(module) in frozen:
-        return module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    for name, child in module.named_children():
-        module.add_module(name, _convert(child, frozen, process_group))
-    return module
+__getattr__ = forward_to("resnet_backbone.distributed", __name__)

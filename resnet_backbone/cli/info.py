@@ -1,17 +1,62 @@
-"""Per-stage summary of a backbone: channels, stride, output shape, parameters and FLOPs.
+"""``resnet-backbone info``: a per-stage summary of a backbone: channels, stride, output shape, parameters
+and FLOPs.
 
 Everything is measured on the ``meta`` device, so even large inputs cost no compute or memory.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..backbone import ResNetBackbone
 from ..config import ResNetConfig
+from ..presets import PRESETS
+
+HELP = "stage table: channels, strides, shapes, parameters, GFLOPs"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", metavar="PRESET_OR_CONFIG_JSON", help=f"one of {', '.join(PRESETS)}, or a config.json")
+    parser.add_argument("--out-features", nargs="+", metavar="NAME", help="stages to output (default: the last)")
+    parser.add_argument("--input", type=_input_shape, default=(3, 224, 224), metavar="CxHxW", help="default 3x224x224")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Print the stage table of ``args.model`` for one image of ``args.input``."""
+    config = config_from_argument(args.model)
+    if args.out_features:
+        config = config.with_overrides(out_features=args.out_features)
+    if args.input[0] != config.num_channels:
+        raise ValueError(f"--input has {args.input[0]} channels but the model expects {config.num_channels}.")
+    print(f"{args.model}: input 1x{'x'.join(map(str, args.input))}, out_features {config.out_features}")
+    print(format_stage_table(stage_rows(config, args.input)))
+
+
+def config_from_argument(source: str) -> ResNetConfig:
+    """A preset name, a config.json file, or a directory that holds one."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"{source} is a directory without a config.json.")
+    if path.is_file():
+        return ResNetConfig.from_json_file(path)
+    if source not in PRESETS and (path.suffix or "/" in source):
+        raise ValueError(f"{source} does not exist (expected a preset name or a config.json path).")
+    return ResNetConfig.from_preset(source)
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected CHANNELSxHEIGHTxWIDTH such as 3x800x1333, got {text!r}")
+    return tuple(int(part) for part in parts)
 
 
 @dataclass(frozen=True)

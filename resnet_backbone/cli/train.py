@@ -11,31 +11,38 @@ during training (see ``evaluation``). One run per ``--output-dir`` (see ``run_fo
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..adapters.torchvision import detection_loss
 from ..presets import PRESETS
+from ..training.data.augmentation import detection_transforms, segmentation_transforms
+from ..training.data.coco import BACKGROUND, CocoFolder
+from ..training.data.masks import MaskFolder
+from ..training.data.synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
+from ..training.engine import CHECKPOINT_NAME, LOG_NAME, PRECISIONS, TrainingOptions, World, distributed_world, fit
+from ..training.evaluation import BEST_DIR, METRICS_NAME, PeriodicEvaluation, evaluation_data
+from ..training.run_folder import claimed_run_folder, refuse_to_mix_runs
+from ..training.task_model import (
+    IMAGE_POOLING_SEGMENTERS,
+    SEGMENTERS,
+    TaskSpec,
+    backbone_of,
+    build_task_model,
+    save_task_model,
+    segmentation_loss,
+)
 from ..weights.architecture import describe
 from .arguments import existing_directory, non_negative_float, non_negative_int, output_directory, positive_int
-from .augmentation import detection_transforms, segmentation_transforms
-from .coco import BACKGROUND, CocoFolder
-from .evaluation import BEST_DIR, METRICS_NAME, PeriodicEvaluation, evaluation_data
-from .masks import IGNORE_INDEX, MaskFolder
-from .run_folder import refuse_to_mix_runs, remove_run, run_folder_lock
-from .synthetic import SHAPE_CLASSES, SyntheticDetection, SyntheticSegmentation, collate_detection
-from .task_model import IMAGE_POOLING_SEGMENTERS, SEGMENTERS, TaskSpec, backbone_of, build_task_model, save_task_model
-from .training import CHECKPOINT_NAME, LOG_NAME, PRECISIONS, TrainingOptions, World, distributed_world, fit
 
+HELP = "fine-tune a detector or segmenter, alone or under torchrun"
 DETECTORS = ("fcos", "fasterrcnn", "maskrcnn", "retinanet")
 MODEL_DIR = "model"
 BACKBONE_DIR = "backbone"
@@ -100,28 +107,10 @@ def run(args: argparse.Namespace) -> list[float]:
         task = _task(args)
         if world.is_main and isinstance(task.dataset, CocoFolder):
             print(f"{task.dataset.annotations_path}: {task.dataset.report}")
-        with _claimed_output_dir(args, world):
+        with claimed_run_folder(
+            args.output_dir, RUN_FILES, is_main=world.is_main, resume=args.resume, overwrite=args.overwrite
+        ):
             return _train(args, task, world)
-
-
-@contextmanager
-def _claimed_output_dir(args: argparse.Namespace, world: World) -> Iterator[None]:
-    """Rank 0 (the only writer) locks the output folder for the run's lifetime, once every input has passed
-    its checks (a refused run writes nothing, not even the folder), and refuses one that holds another run
-    unless --resume or --overwrite says what to do with it."""
-    if not world.is_main:
-        yield
-        return
-    with run_folder_lock(args.output_dir):
-        refuse_to_mix_runs(args.output_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
-        if args.overwrite:
-            # The earlier run goes now, once the data and the model have passed their checks, rather than
-            # once this run has checkpointed: until then the folder would hold parts of two runs (new log
-            # lines beside the old checkpoint, model/ and best/), and a crash in between would leave exactly
-            # that mix. --overwrite says the earlier run is not wanted; a mistake in the other arguments
-            # still fails before it is touched.
-            remove_run(args.output_dir, RUN_FILES)
-        yield
 
 
 def _train(args: argparse.Namespace, task: _Task, world: World) -> list[float]:
@@ -159,7 +148,7 @@ def _task(args: argparse.Namespace) -> _Task:
     if args.task == "detection":
         model = build_task_model(spec, backbone, trainable_layers=args.trainable_layers)
         return _Task(model, spec, dataset, detection_loss, collate_detection, val_dataset)
-    return _Task(build_task_model(spec, backbone), spec, dataset, _segmentation_loss, None, val_dataset)
+    return _Task(build_task_model(spec, backbone), spec, dataset, segmentation_loss, None, val_dataset)
 
 
 def _detection_data(args: argparse.Namespace) -> tuple[Dataset, TaskSpec]:
@@ -202,11 +191,6 @@ def _check_batch_norm_can_train(args: argparse.Namespace) -> None:
             f"--batch-size 1: {args.segmenter}'s {IMAGE_POOLING_SEGMENTERS[args.segmenter]} uses BatchNorm on one "
             "value per channel, which cannot train; use --batch-size 2 or more (or --sync-bn over 2+ processes)."
         )
-
-
-def _segmentation_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    images, masks = batch
-    return F.cross_entropy(model(images).float(), masks, ignore_index=IGNORE_INDEX)
 
 
 def _save_backbone(model: nn.Module, directory: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.torchvision import DETECTORS, build_detector
@@ -26,7 +27,8 @@ from ..trunk import ResNetTrunk
 from ..weights import LoadReport, load_checkpoint, load_placed
 from ..weights.architecture import describe
 from ..weights.files import atomic_write
-from .coco import Category
+from .data.coco import Category
+from .data.masks import IGNORE_INDEX
 
 TASK_NAME = "task.json"
 WEIGHTS_NAME = "task_model.pt"
@@ -211,3 +213,9 @@ def _smp_model(kind: str, backbone: str | ResNetBackbone, num_classes: int) -> n
     if pretrained is not None:
         load_checkpoint(backbone_of(model), pretrained.state_dict())
     return model
+
+
+def segmentation_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of a segmenter's logits against a batch of masks, ignored pixels (255) left out."""
+    images, masks = batch
+    return F.cross_entropy(model(images).float(), masks, ignore_index=IGNORE_INDEX)

@@ -9,7 +9,6 @@ appended to ``metrics.jsonl``, and the best model of this run so far kept as ``b
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .coco import CocoFolder
-from .masks import IGNORE_INDEX, MaskFolder
-from .task_model import TaskSpec, load_task_model, save_task_model
-from .training import World, json_line, keep_log_until
+from .data.coco import CocoFolder
+from .data.masks import IGNORE_INDEX, MaskFolder
+from .engine import World, json_line, keep_log_until
+from .task_model import TaskSpec, save_task_model
 
 METRICS_NAME = "metrics.jsonl"
 BEST_DIR = "best"
@@ -125,19 +124,3 @@ class PeriodicEvaluation:
                 save_task_model(model, self.output_dir / BEST_DIR, self.spec)
         if self.world.size > 1:
             dist.barrier()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("model", type=Path, metavar="MODEL_DIR", help="train's OUTPUT_DIR/model or OUTPUT_DIR/best")
-    parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="a COCO folder or a mask folder")
-    return parser
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``resnet-backbone evaluate``: the metrics of a fine-tuned model on a folder, printed as one line."""
-    model, spec = load_task_model(args.model)
-    dataset = evaluation_data(spec, args.data)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    metrics = evaluate(model.to(device), dataset, spec, device)
-    print(format_metrics(metrics))
-    return metrics

@@ -102,3 +102,25 @@ def _write(lock, text: str) -> None:  # noqa: ANN001  (an open text file)
     lock.truncate()
     lock.write(text)
     lock.flush()
+
+
+@contextmanager
+def claimed_run_folder(
+    directory: Path, run_files: Sequence[str], *, is_main: bool, resume: bool, overwrite: bool
+) -> Iterator[None]:
+    """Rank 0 (``is_main``, the only writer) locks ``directory`` for the run's lifetime, once every input has
+    passed its checks (a refused run writes nothing, not even the folder), and refuses one that holds another
+    run unless ``resume`` or ``overwrite`` says what to do with it. Other ranks pass straight through."""
+    if not is_main:
+        yield
+        return
+    with run_folder_lock(directory):
+        refuse_to_mix_runs(directory, run_files, resume=resume, overwrite=overwrite)
+        if overwrite:
+            # The earlier run goes now, once the data and the model have passed their checks, rather than
+            # once this run has checkpointed: until then the folder would hold parts of two runs (new log
+            # lines beside the old checkpoint, model/ and best/), and a crash in between would leave exactly
+            # that mix. --overwrite says the earlier run is not wanted; a mistake in the other arguments
+            # still fails before it is touched.
+            remove_run(directory, run_files)
+        yield

@@ -1,0 +1,182 @@
+"""Deployment graphs: ``torch.export`` programs and ONNX files with dynamic batch, height and width.
+
+Height and width are dynamic in multiples of the deepest stride the model computes, so every feature
+map is an exact fraction of the input and no size needs a guard. onnx and onnxruntime (the ``onnx`` extra) are
+imported by the functions that need them, so the ``torch.export`` helpers work without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from .backbone import ResNetBackbone
+
+
+def dynamic_shapes(model: nn.Module, max_side: int = 4096, max_batch: int = 1024) -> dict[str, dict[int, Any]]:
+    """``dynamic_shapes`` for ``torch.export.export(model, (pixel_values,), dynamic_shapes=...)``: any batch,
+    and heights and widths that are multiples of ``model.size_divisibility`` (the deepest stride it
+    computes) up to ``max_side``.
+
+    The example ``pixel_values`` needs a batch of 2 or more: torch.export specialises sizes 0 and 1.
+    """
+    divisor = model.size_divisibility
+    height = Dim("height_blocks", min=1, max=max_side // divisor)
+    width = Dim("width_blocks", min=1, max=max_side // divisor)
+    return {"pixel_values": {0: Dim("batch", min=1, max=max_batch), 2: divisor * height, 3: divisor * width}}
+
+
+class FeatureMaps(nn.Module):
+    """A model's feature maps as a flat tuple, in order: the form ONNX outputs take."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        output = self.model(pixel_values)
+        return tuple(output.values()) if isinstance(output, dict) else tuple(output.feature_maps)
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """ONNX output names: the backbone's ``out_features``, or the FPN's level names."""
+    if isinstance(model, ResNetBackbone):
+        return list(model.out_features)
+    return list(model.output_shape())
+
+
+# torch's exporter builds opset-18 graphs and onnx's version converter takes them down to 16; below that it has no
+# adapter for Identity and the model would silently stay at 18. The highest is the newest the installed onnx knows.
+LOWEST_OPSET = 16
+# Weights above this size go to an external data file: protobuf cannot hold a message over 2 GB, and the graph
+# needs room beside the weights (torch's exporter uses the same threshold).
+EXTERNAL_DATA_THRESHOLD = 3 * 2**29  # 1.5 GiB
+
+
+def supported_opsets() -> range:
+    """The ONNX opset versions ``export_onnx`` writes exactly as asked."""
+    import onnx
+
+    return range(LOWEST_OPSET, onnx.defs.onnx_opset_version() + 1)
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse, before any work, an opset ``export_onnx`` cannot write (``None``: the exporter's default)."""
+    supported = supported_opsets()
+    if opset is not None and opset not in supported:
+        raise ValueError(
+            f"ONNX opset {opset} is not supported: the exporter writes opsets {supported[0]} to {supported[-1]} "
+            f"(torch's exporter builds opset 18 and onnx converts it down to {LOWEST_OPSET} at the lowest); "
+            f"pick one of those or leave the opset unset"
+        )
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where ``export_onnx`` puts the weights of a model too large to embed: ``model.onnx`` -> ``model.onnx.data``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.data")
+
+
+def export_onnx(
+    model: nn.Module | str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    out_features: list[str] | None = None,
+    opset: int | None = None,
+) -> Path:
+    """Write ``model`` as one self-contained ONNX file: one input ``pixel_values`` and one named output per feature
+    map, with dynamic batch, height and width.
+
+    The weights are embedded, so the file can be copied alone. Only a model whose weights exceed
+    ``EXTERNAL_DATA_THRESHOLD`` (protobuf's 2 GB limit) keeps them in ``external_data_path(path)``
+    (``model.onnx.data`` beside ``model.onnx``), which must travel with it. The files are written in a temporary
+    folder beside ``path``, checked with ``onnx.checker``, and renamed into place only then: they appear complete or
+    not at all, and nothing else is left behind, whether the export succeeds or fails.
+
+    Args:
+        model: a ``ResNetBackbone``, a neck on one that reports its levels by ``output_shape()`` (such as
+            the feature pyramid of the torchvision adapter), or a preset / anything ``from_pretrained`` accepts.
+        path: the ``.onnx`` file to write (replaced if it exists).
+        out_features: the stages to output, for a backbone.
+        opset: the ONNX opset version, one of ``supported_opsets()`` (default: the exporter's).
+
+    Returns:
+        ``path``.
+    """
+    check_opset(opset)
+    if not isinstance(model, nn.Module):
+        model = ResNetBackbone.load(model, **({"out_features": out_features} if out_features else {}))
+    elif out_features is not None:
+        if not isinstance(model, ResNetBackbone):
+            raise ValueError("out_features applies to a ResNetBackbone; the FPN's outputs are fixed when it is built.")
+        model.out_features = out_features
+    model = model.eval()
+    divisor = model.size_divisibility
+    example = torch.randn(2, _backbone_of(model).config.num_channels, 2 * divisor, 3 * divisor)
+    program = torch.onnx.export(
+        FeatureMaps(model).eval(),
+        (example,),
+        input_names=["pixel_values"],
+        output_names=output_names(model),
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes=dynamic_shapes(model),
+        verbose=False,
+    )
+    path = Path(path)
+    _save_checked(program, path, opset)
+    return path
+
+
+def _save_checked(program: torch.onnx.ONNXProgram, path: Path, opset: int | None) -> None:
+    """Save in a temporary folder beside ``path``, check, then rename the data file (if any) and the model into
+    place; the temporary folder goes in every case."""
+    import onnx
+
+    initializers = program.model.graph.initializers.values()
+    weight_bytes = sum(value.const_value.nbytes for value in initializers if value.const_value is not None)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        staged = staging / path.name
+        program.save(staged, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+        onnx.checker.check_model(staged)  # by path: it reads external data and models over 2 GB
+        opsets = onnx.load(staged, load_external_data=False).opset_import
+        written = next(op.version for op in opsets if op.domain in ("", "ai.onnx"))
+        if opset is not None and written != opset:
+            raise ValueError(f"the ONNX exporter wrote opset {written} instead of {opset}; nothing was written")
+        if external_data_path(staged).exists():
+            os.replace(external_data_path(staged), external_data_path(path))
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def onnx_max_abs_diff(path: str | os.PathLike, model: nn.Module, sizes: list[tuple[int, int, int]]) -> float:
+    """The largest difference between onnxruntime's and PyTorch's outputs over inputs of ``sizes``
+    (batch, height, width)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    channels = _backbone_of(model).config.num_channels
+    worst = 0.0
+    for batch, height, width in sizes:
+        pixel_values = torch.randn(batch, channels, height, width)
+        with torch.no_grad():
+            expected = FeatureMaps(model.eval())(pixel_values)
+        actual = session.run(None, {"pixel_values": pixel_values.numpy()})
+        worst = max([worst, *((torch.from_numpy(a) - e).abs().max().item() for a, e in zip(actual, expected))])
+    return worst
+
+
+def _backbone_of(model: nn.Module) -> ResNetBackbone:
+    backbone = next((m for m in model.modules() if isinstance(m, ResNetBackbone)), None)
+    if backbone is None:
+        raise ValueError(f"{type(model).__name__} holds no ResNetBackbone.")
+    return backbone
