@@ -392,20 +392,22 @@ class _MmdetNames(dict):
 class _MmdetGroup(nn.Module):
     """A group of the trunk's modules under mmdet's name (``stem``, ``layer1``, ``layer1.0``, ``downsample``).
 
-    It only names: the trunk runs the network, so a forward hook here would never fire and is refused.
+    It only names: the trunk runs the network, so calling a group, or hooking it (the hook would never fire), is
+    refused.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.__dict__["_modules"] = _MmdetNames()
 
-    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
-            "RBResNet's groups (stem, layerN, layerN.M, downsample) name mmdet's modules but do not run: hook "
-            "a conv or norm inside them, or RBResNet itself."
+            "RBResNet's groups (stem, layerN, layerN.M, downsample) name mmdet's modules but do not run: call "
+            "RBResNet itself, and hook a conv or norm inside a group, or RBResNet."
         )
 
-    register_forward_pre_hook = register_full_backward_hook = register_full_backward_pre_hook = register_forward_hook
+    register_forward_hook = register_forward_pre_hook = forward
+    register_full_backward_hook = register_full_backward_pre_hook = forward
 
 
 def _name_as_mmdet(module: nn.Module, trunk: ResNetTrunk, layout: PeerLayout) -> None:

@@ -314,6 +314,8 @@ def test_a_module_replaced_under_mmdets_name_is_replaced_in_the_network_that_run
         backbone.layer1 = nn.Identity()
     with pytest.raises(TypeError, match="do not run"):
         backbone.layer1.register_forward_hook(lambda *_: None)
+    with pytest.raises(TypeError, match="do not run"):
+        backbone.layer1(small_images)
 
 
 # Every RBResNet argument (mmdet's argument table) at a value other than its default, alone or with the arguments it
