@@ -7,9 +7,10 @@ installed, in mmdet's and mmseg's, so one line in a config is enough::
     model = dict(backbone=dict(type="RBResNet", depth=50, frozen_stages=1, norm_eval=True, ...))
 
 ``RBResNet`` takes mmdet's ``ResNet`` arguments with their meaning and defaults (and mmdet's ResNeXt
-``groups``/``base_width`` and mmseg's ``contract_dilation``). Its state-dict keys are mmdet's ResNet keys,
-translated by state-dict hooks through the weights package's mmdet layout, so checkpoints trained with
-mmdet's or mmseg's ``ResNet`` load strictly; inside, the network is this project's trunk.
+``groups``/``base_width`` and mmseg's ``contract_dilation``). The network is this project's trunk, with its
+stage loop; RBResNet's children are the trunk's convs and norms under mmdet's names (the weights package's
+mmdet layout), so parameter names (an optimizer's ``paramwise_cfg.custom_keys``), ``named_modules`` and the
+state dict are mmdet's ``ResNet``'s, and checkpoints trained with mmdet's or mmseg's ``ResNet`` load strictly.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from .. import NORM_TYPES, PRESETS, LoadReport, ResNetConfig, ResNetTrunk, close_match_hint
-from ..weights import from_canonical, load_checkpoint, peer_layout_of, read_state_dict, to_canonical
+from ..weights import PeerLayout, from_canonical, load_checkpoint, peer_layout_of, read_state_dict
 
 __all__ = ["RBResNet"]
 
@@ -42,7 +43,6 @@ _UNSUPPORTED = {
     "conv_cfg": "conv_cfg (another convolution type)",
     "multi_grid": "mmseg's multi_grid dilations",
 }
-_TRUNK = "trunk."  # where the core's network sits inside RBResNet; its keys never reach a state dict
 
 
 class RBResNet(nn.Module):
@@ -61,7 +61,8 @@ class RBResNet(nn.Module):
     ``plugins``, ``conv_cfg``, ``style="caffe"``, ...) are refused with an error, never ignored.
 
     ``forward(x)`` returns the tuple of the ``out_indices`` feature maps. After :meth:`init_weights` loaded a
-    checkpoint, ``load_report`` says what matched.
+    checkpoint, ``load_report`` says what matched. ``trunk`` is the network that runs (this project's names);
+    replace modules through RBResNet's (mmdet's) names, which reach the trunk, not the other way round.
     """
 
     def __init__(
@@ -117,20 +118,20 @@ class RBResNet(nn.Module):
             freeze_at=frozen_stages + 1,
             zero_init_residual=zero_init_residual,
         )
-        self.trunk = ResNetTrunk(config)
+        trunk = ResNetTrunk(config)
         if output_stride is None:
-            _check_strides(self.trunk, strides, dilations)
+            _check_strides(trunk, strides, dilations)
         if not norm_requires_grad:
-            for module in self.trunk.modules():
+            for module in trunk.modules():
                 if isinstance(module, NORM_TYPES):
                     module.requires_grad_(False)
-        self.trunk.set_grad_checkpointing(with_cp)
+        trunk.set_grad_checkpointing(with_cp)
+        # The trunk runs the network; RBResNet's children name its convs and norms as mmdet does (one set of
+        # modules, two names), so the trunk stays out of the module tree.
+        self.__dict__["trunk"] = trunk
+        _name_as_mmdet(self, trunk, peer_layout_of(config, naming="mmdet"))
         self.init_cfg = _pretrained_init_cfg(pretrained, init_cfg)
         self.load_report: LoadReport | None = None
-        self.key_layout = peer_layout_of(config, naming="mmdet")
-        self.register_state_dict_post_hook(_save_under_mmdet_keys)
-        self.register_load_state_dict_pre_hook(_load_from_mmdet_keys)
-        self.register_load_state_dict_post_hook(_report_under_mmdet_keys)
 
     @property
     def channels(self) -> list[int]:
@@ -146,6 +147,13 @@ class RBResNet(nn.Module):
         """The ``out_indices`` feature maps, in stage order (mmdet computes every stage, and so does this)."""
         stages = [output.hidden_state for output in self.trunk.iter_stages(x)][1:]
         return tuple(stages[index] for index in self.out_indices)
+
+    def train(self, mode: bool = True) -> RBResNet:
+        """Set train mode; the trunk keeps the norms of frozen stages (all of them, with ``norm_eval``) in eval
+        mode, as mmdet's ``ResNet.train`` does."""
+        super().train(mode)
+        self.trunk.train(mode)
+        return self
 
     def init_weights(self) -> None:
         """mmengine calls this once on the built model. With a ``Pretrained`` ``init_cfg``: load the checkpoint
@@ -345,40 +353,94 @@ def _under_prefix(checkpoint: Mapping[str, Any], prefix: str) -> dict[str, Tenso
     return selected
 
 
-# ---------------------------------------------------------------- mmdet's keys in and out
+# ---------------------------------------------------------------- mmdet's names
 
 
-def _save_under_mmdet_keys(module: RBResNet, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict() hook: the trunk's keys become mmdet's (in place, keeping every key's position)."""
-    inner = prefix + _TRUNK
-    ours = {key[len(inner) :]: value for key, value in state_dict.items() if key.startswith(inner)}
-    renamed = dict(zip(ours, from_canonical(ours, module.key_layout)))
-    for key in list(state_dict):
-        value = state_dict.pop(key)
-        state_dict[prefix + renamed[key[len(inner) :]] if key.startswith(inner) else key] = value
+class _MmdetNames(dict):
+    """The ``_modules`` of a module that shows the trunk's convs and norms under mmdet's names.
+
+    A child set here (mmengine's SyncBN conversion and reversion, mmcv's conv-bn fusion) is set where the trunk
+    holds it as well, so the network that runs is the one that is named; a group (``layer1``, ``layer1.0``) only
+    names, and cannot be replaced.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owners: dict[str, tuple[nn.Module, str]] = {}
+
+    def link(self, name: str, owner: nn.Module, attribute: str) -> None:
+        """Show ``owner``'s child ``attribute`` as ``name``."""
+        self.owners[name] = owner, attribute
+        super().__setitem__(name, owner._modules[attribute])
+
+    def __setitem__(self, name: str, module: nn.Module | None) -> None:
+        owners = self.__dict__.get("owners", {})  # empty while unpickling, which sets the items first
+        if name in owners:
+            owner, attribute = owners[name]
+            owner._modules[attribute] = module
+        elif name in self and self[name] is not module:
+            raise TypeError(
+                f"{name!r} groups modules of RBResNet's network as mmdet names them and cannot be replaced; replace "
+                "the convs and norms inside it instead."
+            )
+        super().__setitem__(name, module)
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"{name!r} is part of RBResNet's network and cannot be deleted.")
 
 
-def _load_from_mmdet_keys(module: RBResNet, state_dict: dict, prefix: str, *args: Any) -> None:
-    """load_state_dict() pre-hook: mmdet's keys under ``prefix`` go to the trunk's; keys that are not mmdet's
-    stay as they are, so the strict check reports them as unexpected."""
-    module._loading_prefix = prefix
-    keys = [key for key in state_dict if key.startswith(prefix) and not key.startswith(prefix + _TRUNK)]
-    if not keys:
-        return
-    ours, _ = to_canonical({key[len(prefix) :]: state_dict[key] for key in keys}, module.key_layout)
-    for key, canonical in zip(keys, ours):
-        if canonical != key[len(prefix) :]:
-            state_dict[prefix + _TRUNK + canonical] = state_dict.pop(key)
+class _MmdetGroup(nn.Module):
+    """A group of the trunk's modules under mmdet's name (``stem``, ``layer1``, ``layer1.0``, ``downsample``).
+
+    It only names: the trunk runs the network, so calling a group, or hooking it (the hook would never fire), is
+    refused.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.__dict__["_modules"] = _MmdetNames()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "RBResNet's groups (stem, layerN, layerN.M, downsample) name mmdet's modules but do not run: call "
+            "RBResNet itself, and hook a conv or norm inside a group, or RBResNet."
+        )
+
+    register_forward_hook = register_forward_pre_hook = forward
+    register_full_backward_hook = register_full_backward_pre_hook = forward
 
 
-def _report_under_mmdet_keys(module: RBResNet, incompatible_keys: Any) -> None:
-    """load_state_dict() post-hook: missing keys are named as mmdet names them, as the checkpoint would."""
-    inner = getattr(module, "_loading_prefix", "") + _TRUNK
-    missing = incompatible_keys.missing_keys
-    for index, key in enumerate(missing):
-        if key.startswith(inner):
-            peer_key = next(iter(from_canonical({key[len(inner) :]: None}, module.key_layout)))
-            missing[index] = inner.removesuffix(_TRUNK) + peer_key
+def _name_as_mmdet(module: nn.Module, trunk: ResNetTrunk, layout: PeerLayout) -> None:
+    """Make ``module``'s children mmdet's ``ResNet``'s: the trunk's convs and norms under the names of mmdet's
+    checkpoints (the weights package's mmdet layout), so parameter names, ``named_modules`` and the state dict
+    all speak mmdet's names, in mmdet's order."""
+    canonical_keys = list(trunk.state_dict())
+    mmdet_keys = from_canonical(dict.fromkeys(canonical_keys), layout)
+    paths = dict(zip((k.rpartition(".")[0] for k in mmdet_keys), (k.rpartition(".")[0] for k in canonical_keys)))
+    module.__dict__["_modules"] = _MmdetNames()
+    for mmdet_path in _mmdet_order(list(paths)):
+        *groups, name = mmdet_path.split(".")
+        parent = module
+        for group in groups:
+            if group not in parent._modules:
+                parent._modules[group] = _MmdetGroup()
+            parent = parent._modules[group]
+        owner_path, _, attribute = paths[mmdet_path].rpartition(".")
+        parent._modules.link(name, trunk.get_submodule(owner_path), attribute)
+
+
+def _mmdet_order(paths: list[str]) -> list[str]:
+    """``paths`` (mmdet's, in the trunk's order) in mmdet's order: its blocks register the shortcut
+    (``downsample``) after the main branch, ours (transformers') before. Optimizer state is stored by parameter
+    position, so the same order keeps it interchangeable with mmdet's ``ResNet``."""
+
+    def block(path: str) -> str:
+        return path.partition(".downsample.")[0] if ".downsample." in path else path.rpartition(".")[0]
+
+    first_seen: dict[str, int] = {}
+    for index, path in enumerate(paths):
+        first_seen.setdefault(block(path), index)
+    return sorted(paths, key=lambda path: (first_seen[block(path)], ".downsample." in path))
 
 
 # ---------------------------------------------------------------- registration

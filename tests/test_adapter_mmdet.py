@@ -3,7 +3,10 @@ init_cfg. Parity with mmdet's and mmseg's own ResNet lives in test_adapter_mmdet
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
+import inspect
 import sys
 
 import pytest
@@ -15,8 +18,9 @@ from mmengine.registry import MODELS
 from torch import nn
 
 import resnet_backbone.adapters.mmdet as mmdet_adapter
-from resnet_backbone import CheckpointMismatchError, ResNetBackbone
+from resnet_backbone import CheckpointMismatchError, ResNetBackbone, ResNetConfig, ResNetTrunk
 from resnet_backbone.adapters.mmdet import RBResNet
+from resnet_backbone.weights import from_canonical, peer_layout_of
 
 # mmdet's architectures at a quarter of their widths: the same keys and structure, a fraction of the time.
 NARROW = dict(base_channels=16)
@@ -230,3 +234,137 @@ def test_syncbn_builds_sync_batch_norms():
 
 def test_registered_in_mmengines_root_registry():
     assert MODELS.get("RBResNet") is mmdet_adapter.RBResNet
+
+
+# ---------------------------------------------------------------- mmdet's parameter names
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        dict(depth=18, **NARROW),
+        dict(depth=50, deep_stem=True, avg_down=True, **NARROW),  # mmdet's ResNetV1d
+        dict(depth=50, base_channels=32, norm_cfg=dict(type="GN", num_groups=32)),
+    ],
+)
+def test_parameter_and_module_names_are_mmdets(arguments):
+    """The names an optimizer's paramwise_cfg sees are the state dict's (mmdet's), from the mmdet layout table."""
+    backbone = RBResNet(**arguments)
+    names = [name for name, _ in backbone.named_parameters()]
+    state_dict = backbone.state_dict(keep_vars=True)
+    assert names == [key for key, value in state_dict.items() if isinstance(value, nn.Parameter)]
+    ours = dict.fromkeys(name for name, _ in ResNetTrunk(backbone.trunk.config).named_parameters())
+    assert sorted(names) == sorted(from_canonical(ours, peer_layout_of(backbone.trunk.config, naming="mmdet")))
+    modules = dict(backbone.named_modules())
+    assert all(name.rpartition(".")[0] in modules for name in names)
+    # mmdet's order: a block's shortcut (downsample) after its main branch, which optimizer state relies on.
+    block = [name for name in names if name.startswith("layer2.0.")]
+    assert block[-1].startswith("layer2.0.downsample.") and block[0] == "layer2.0.conv1.weight"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "stem_key"),
+    [
+        (dict(depth=18, **NARROW), "backbone.bn1"),
+        (dict(depth=50, deep_stem=True, avg_down=True, **NARROW), "backbone.stem"),
+    ],
+)
+def test_paramwise_cfg_custom_keys_written_for_mmdets_resnet_reach_rbresnets_parameters(arguments, stem_key):
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    model = Detector(**arguments)
+    custom_keys = {
+        "backbone.layer4": dict(lr_mult=0.1),
+        "backbone.layer2.0.downsample": dict(lr_mult=0.5),
+        stem_key: dict(decay_mult=0.0),
+    }
+    constructor = DefaultOptimWrapperConstructor(
+        dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=1.0, weight_decay=1.0)),
+        paramwise_cfg=dict(custom_keys=custom_keys),
+    )
+    groups = constructor(model).optimizer.param_groups
+    settings = {id(group["params"][0]): (group["lr"], group["weight_decay"]) for group in groups}
+    # The expected parameters come from the network that runs, not from names.
+    trunk = model.backbone.trunk
+    stem = trunk.embedder.embedder if stem_key == "backbone.stem" else trunk.embedder.embedder.normalization
+    expected = {id(p): (1.0, 0.0) for p in stem.parameters()}
+    expected.update({id(p): (0.5, 1.0) for p in trunk.encoder.stages[1].layers[0].shortcut.parameters()})
+    expected.update({id(p): (0.1, 1.0) for p in trunk.encoder.stages[3].parameters()})
+    parameters = dict(model.named_parameters())
+    assert {name: settings[id(p)] for name, p in parameters.items()} == {
+        name: expected.get(id(p), (1.0, 1.0)) for name, p in parameters.items()
+    }
+
+
+def test_a_module_replaced_under_mmdets_name_is_replaced_in_the_network_that_runs(small_images):
+    """mmengine reverts SyncBN in a run without a process group, and its EMA hook deep-copies the model: both go
+    through mmdet's names and must reach the trunk, which runs the network."""
+    from mmengine.model import revert_sync_batchnorm
+
+    synced = randomize_norms(RBResNet(depth=18, norm_cfg=dict(type="SyncBN"), norm_eval=False, **NARROW)).eval()
+    expected = synced(small_images)
+    backbone = revert_sync_batchnorm(synced)
+    assert not any(isinstance(module, nn.SyncBatchNorm) for module in backbone.trunk.modules())
+    copied = copy.deepcopy(backbone)
+    assert copied.trunk.embedder.embedder.normalization is copied.bn1 is not backbone.bn1
+    for model in (backbone, copied):
+        for expected_map, actual_map in zip(expected, model(small_images), strict=True):
+            assert max_abs_diff(expected_map, actual_map) == 0
+    with pytest.raises(TypeError, match="cannot be replaced"):
+        backbone.layer1 = nn.Identity()
+    with pytest.raises(TypeError, match="do not run"):
+        backbone.layer1.register_forward_hook(lambda *_: None)
+    with pytest.raises(TypeError, match="do not run"):
+        backbone.layer1(small_images)
+
+
+# Every RBResNet argument (mmdet's argument table) at a value other than its default, alone or with the arguments it
+# needs; the test below requires one for each argument, so a new argument is checked too.
+ARGUMENT_PROBES = [
+    dict(depth=18),
+    dict(in_channels=4),
+    dict(stem_channels=32),
+    dict(base_channels=32),
+    dict(num_stages=3, strides=(1, 2, 2), dilations=(1, 1, 1), out_indices=(0, 1, 2)),
+    dict(strides=(2, 2, 2, 2)),
+    dict(strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), contract_dilation=True),
+    dict(out_indices=(3,), style="pytorch", with_cp=True),  # "caffe" is refused
+    dict(deep_stem=True),
+    dict(avg_down=True),
+    dict(frozen_stages=2),
+    dict(base_channels=32, norm_cfg=dict(type="GN", num_groups=32)),
+    dict(norm_eval=False),
+    dict(zero_init_residual=False),
+    dict(groups=4, base_width=4),
+    dict(depth=None, base_channels=64, preset="resnet50d"),
+    dict(output_stride=8),
+    dict(pretrained="weights.pth"),
+    dict(init_cfg=dict(type="Pretrained", checkpoint="weights.pth")),
+]
+# The ResNetConfig fields that no mmdet argument sets, and why.
+NOT_MMDET_ARGUMENTS = {
+    "hidden_act": "mmdet's ResNet is ReLU only",
+    "downsample_in_bottleneck": "style='caffe' (the stride in the first 1x1 conv) is refused",
+    "drop_path_rate": "mmdet's ResNet has no stochastic depth",
+    **dict.fromkeys(["num_labels", "id2label", "label2id", "problem_type"], "no classifier"),
+    **dict.fromkeys(["output_hidden_states", "return_dict", "architectures"], "transformers' outputs and files"),
+}
+
+
+def test_every_resnet_config_field_is_set_by_an_mmdet_argument_or_said_why_not():
+    """A field added to ResNetConfig, or an argument added to RBResNet, fails here until it is mapped or listed."""
+    parameters = inspect.signature(RBResNet).parameters.values()
+    arguments = {parameter.name for parameter in parameters if parameter.kind is not parameter.VAR_KEYWORD}
+    assert {name for probe in ARGUMENT_PROBES for name in probe} == arguments
+
+    def fields_of(backbone: RBResNet) -> dict[str, object]:
+        return {field.name: getattr(backbone.trunk.config, field.name) for field in dataclasses.fields(ResNetConfig)}
+
+    base = dict(depth=50, **NARROW)
+    default = fields_of(RBResNet(**base))
+    set_by_arguments = set()
+    for probe in ARGUMENT_PROBES:
+        changed = fields_of(RBResNet(**{**base, **probe}))
+        set_by_arguments |= {name for name, value in changed.items() if value != default[name]}
+    assert not set_by_arguments & set(NOT_MMDET_ARGUMENTS)
+    assert set_by_arguments | set(NOT_MMDET_ARGUMENTS) == set(default)

@@ -7,6 +7,7 @@ run in an environment built by the README's OpenMMLab recipe.
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,12 @@ try:
 except ImportError:
     pytest.skip(RECIPE, allow_module_level=True)
 
+from mmcv.cnn import fuse_conv_bn  # noqa: E402
 from mmdet.models.backbones import ResNet, ResNetV1d, ResNeXt  # noqa: E402
 from mmdet.registry import MODELS as MMDET_MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
 from mmengine.config import Config  # noqa: E402
-from mmengine.optim import OptimWrapper  # noqa: E402
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner.checkpoint import load_checkpoint  # noqa: E402
 from mmengine.structures import InstanceData, PixelData  # noqa: E402
@@ -88,11 +90,77 @@ def test_mmdets_backbone_checkpoint_loads_strictly_and_computes_the_same(case):
     theirs.eval()  # mmdet's ResNet.train returns None
     ours = RBResNet(**our_arguments).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [name for name, _ in ours.named_parameters()] == [name for name, _ in theirs.named_parameters()]
+    assert _modules_with_parameters(ours) == _modules_with_parameters(theirs)
     images = torch.randn(2, 3, 97, 130, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for expected, actual in zip(theirs(images), ours(images), strict=True):
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def _modules_with_parameters(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
+
+
+class _WithBackbone(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+
+@pytest.mark.parametrize("case", ["r50", "r50-v1d", "r50-gn", "x50-32x4d"])
+def test_paramwise_cfg_gives_rbresnet_the_param_groups_it_gives_mmdets_resnet(case):
+    their_class, their_arguments, our_arguments = PARITY_CASES[case]
+    stem = "backbone.stem" if "v1d" in case else "backbone.conv1"
+    paramwise_cfg = dict(
+        custom_keys={
+            "backbone.layer4": dict(lr_mult=0.1),
+            "backbone.layer2.0.downsample": dict(decay_mult=0.5),
+            stem: dict(lr_mult=0.0),
+        },
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.2,
+    )
+    param_groups = []
+    for backbone in (their_class(**their_arguments, frozen_stages=1), RBResNet(**our_arguments, frozen_stages=1)):
+        model = _WithBackbone(backbone)
+        constructor = DefaultOptimWrapperConstructor(
+            dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=1.0, weight_decay=1.0)), paramwise_cfg
+        )
+        names = {id(parameter): name for name, parameter in model.named_parameters()}
+        groups = constructor(model).optimizer.param_groups
+        param_groups.append([(names[id(g["params"][0])], g["lr"], g["weight_decay"]) for g in groups])
+    assert param_groups[0] == param_groups[1]
+    # The keys matched (the stem's is frozen by frozen_stages=1, which mmengine leaves at the base settings).
+    assert any(lr == 0.1 for _, lr, _ in param_groups[1]) and any(decay == 0.5 for *_, decay in param_groups[1])
+
+
+def test_mmcvs_conv_bn_fusion_fuses_the_network_that_runs():
+    """mmdet's test script's --fuse-conv-bn replaces each norm by mmdet's name: the trunk runs the fused convs."""
+    theirs = randomize_norms(ResNetV1d(depth=50))
+    theirs.eval()
+    ours = RBResNet(depth=50, deep_stem=True, avg_down=True).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs(images)
+        fused = fuse_conv_bn(ours)
+        assert not any(isinstance(module, _BatchNorm) for module in ours.trunk.modules())
+        for expected_map, actual_map in zip(expected, fused(images), strict=True):
+            torch.testing.assert_close(actual_map, expected_map, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("their_class", [ResNet, ResNetV1d, ResNeXt, ResNetV1c, SegResNetV1d])
+def test_every_argument_of_mmdets_and_mmsegs_resnets_is_taken(their_class):
+    """RBResNet takes each argument of their ResNets, at least at its default (others are refused by name)."""
+    ours = inspect.signature(RBResNet).parameters
+    for cls in their_class.__mro__:
+        if issubclass(cls, nn.Module) and cls is not nn.Module and "__init__" in vars(cls):
+            for name, parameter in inspect.signature(cls.__init__).parameters.items():
+                if name in ours or parameter.default is parameter.empty or parameter.kind is parameter.VAR_KEYWORD:
+                    continue
+                RBResNet(depth=50, **{name: parameter.default})
 
 
 @pytest.mark.parametrize("frozen_stages", [-1, 0, 1, 2, 3, 4])
