@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import GROUP_NORM_GROUPS
+from .torch_compat import BatchNormBase
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -37,7 +38,7 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, FrozenBatchNorm2d)
+NORM_TYPES = (BatchNormBase, nn.GroupNorm, FrozenBatchNorm2d)
 
 
 def make_norm(norm_layer: str, channels: int) -> nn.Module:

@@ -44,6 +44,13 @@ tree_flatten = _private(_pytree, "torch.utils._pytree.tree_flatten", _TREE)
 tree_unflatten = _private(_pytree, "torch.utils._pytree.tree_unflatten", _TREE)
 
 
+# Every BatchNorm: 1d/2d/3d, SyncBatchNorm, and other libraries' subclasses (mmengine's _BatchNormXd, which its
+# revert_sync_batchnorm puts in place of SyncBatchNorm), so norm_eval and frozen stages keep them all in eval mode.
+BatchNormBase = _private(
+    nn.modules.batchnorm, "torch.nn.modules.batchnorm._BatchNorm", "recognise every kind of BatchNorm"
+)
+
+
 def is_compiled_module(model: Any) -> bool:
     """Whether ``model`` is the wrapper that ``torch.compile(module)`` returns."""
     purpose = "recognise a model wrapped by torch.compile"

@@ -40,7 +40,7 @@ class Detector(nn.Module):
         self.neck = nn.Conv2d(3, 4, 1)
 
 
-def test_the_issues_config_builds_with_mmdets_channels_strides_and_frozen_parameters(small_images):
+def test_a_typical_mmdet_config_builds_with_mmdets_channels_strides_and_frozen_parameters(small_images):
     backbone = MODELS.build(dict(type="RBResNet", depth=50, out_indices=(0, 1, 2, 3), frozen_stages=1, norm_eval=True))
     backbone.train()
     features = backbone(small_images)
@@ -316,6 +316,17 @@ def test_a_module_replaced_under_mmdets_name_is_replaced_in_the_network_that_run
         backbone.layer1.register_forward_hook(lambda *_: None)
     with pytest.raises(TypeError, match="do not run"):
         backbone.layer1(small_images)
+
+
+def test_norm_eval_keeps_the_norms_that_revert_sync_batchnorm_puts_in_eval_mode():
+    """A run without a process group turns SyncBN into mmengine's _BatchNormXd, a BatchNorm of its own class;
+    norm_eval must keep it in eval mode as it does mmdet's own norms."""
+    from mmengine.model import revert_sync_batchnorm
+
+    backbone = revert_sync_batchnorm(RBResNet(depth=18, norm_cfg=dict(type="SyncBN"), norm_eval=True, **NARROW))
+    reverted = [module for module in backbone.modules() if type(module).__name__ == "_BatchNormXd"]
+    backbone.train()
+    assert reverted and not any(module.training for module in reverted)
 
 
 # Every RBResNet argument (mmdet's argument table) at a value other than its default, alone or with the arguments it
