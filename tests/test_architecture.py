@@ -71,6 +71,8 @@ def test_every_import_contract_is_kept():
         ("specs.py", "import torchvision", "The core imports no adapter"),
         ("specs.py", "from . import trunk", "No import cycles"),
         ("adapters/timm.py", "from ..trunk import ResNetTrunk as _", "Adapters use only the core's public API"),
+        ("adapters/timm.py", "from ..pretrained import ResNetPreTrainedModel as _", "Adapters use only"),
+        ("adapters/transformers.py", "from ..weights.resolve import Source as _", "Adapters use only"),
         ("adapters/torchvision.py", "from ..cli import main", "Three tiers"),
     ],
 )
