@@ -32,8 +32,9 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from .. import ResNetBackbone, close_match_hint, register_dense_parts, register_foldable_norm
-from ..weights import LoadReport, load_placed, resolve_source, to_canonical
+from resnet_backbone import ResNetBackbone, register_dense_parts, register_foldable_norm
+from resnet_backbone.adapter_api import close_match_hint
+from resnet_backbone.weights import LoadReport, load_placed, resolve_source, to_canonical
 
 __all__ = [
     "ResNetBody",

@@ -25,8 +25,10 @@ from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin
 from transformers.modeling_outputs import BackboneOutput
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .. import NORM_TYPES, FrozenBatchNorm2d, ResNetBackbone, ResNetConfig, align_out_features, optimize_for_inference
-from ..weights import resolve_source
+from resnet_backbone import FrozenBatchNorm2d, ResNetBackbone, ResNetConfig, optimize_for_inference
+from resnet_backbone.adapter_api import NORM_TYPES, align_out_features
+from resnet_backbone.weights import resolve_source
+
 from . import timm as _timm_adapter  # noqa: F401  (registers the rb_* models for transformers' timm route)
 
 __all__ = [
