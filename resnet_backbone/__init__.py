@@ -34,7 +34,7 @@ __all__ = [
     "register_foldable_norm",
 ]
 
-# Exported here until this release; what adapters build on now lives in resnet_backbone.adapter_api.
+# Deprecated here, importable for one release: what adapters build on is resnet_backbone.adapter_api's.
 _MOVED_TO_ADAPTER_API = ("NORM_TYPES", "ResNetTrunk", "align_out_features", "check_pixel_values", "close_match_hint")
 
 

@@ -18,7 +18,7 @@ from ..hints import close_match_hint
 from ..presets import PRESETS
 
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
-# A Hub repo id is "namespace/name" (the Hub moved its few unnamespaced repos under organisations).
+# A Hub repo id is "namespace/name"; a bare name is a preset or an error, never a Hub lookup.
 _HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _TORCHVISION_WEIGHTS_EXAMPLE = "ResNet50_Weights.IMAGENET1K_V2"
 _EXPECTED = {
