@@ -24,8 +24,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from .. import PRESETS, ResNetConfig, ResNetTrunk, register_dense_parts
-from ..weights import describe, infer_config, same_architecture, to_canonical
+from resnet_backbone import PRESETS, ResNetConfig, register_dense_parts
+from resnet_backbone.adapter_api import ResNetTrunk
+from resnet_backbone.weights import describe, infer_config, same_architecture, to_canonical
 
 __all__ = ["MODEL_NAMES", "TimmResNet"]
 

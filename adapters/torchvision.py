@@ -32,8 +32,9 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from .. import PRESETS, ResNetBackbone, close_match_hint, register_dense_parts, register_foldable_norm
-from ..weights import LoadReport, load_placed, to_canonical
+from resnet_backbone import ResNetBackbone, register_dense_parts, register_foldable_norm
+from resnet_backbone.adapter_api import close_match_hint
+from resnet_backbone.weights import LoadReport, load_placed, resolve_source, to_canonical
 
 __all__ = [
     "ResNetBody",
@@ -190,10 +191,11 @@ def _resolve_backbone(
             )
         source.out_features = out_features
         return source, source.load_report is not None
-    weights_expected = not (isinstance(source, str) and source in PRESETS)
+    resolved = resolve_source(source)
+    weights_expected = resolved.kind != "preset"
     default_norm = "frozen_batch" if weights_expected else "batch"
     backbone = ResNetBackbone.load(
-        source, out_features=out_features, norm_layer=norm_layer or default_norm, **overrides
+        resolved, out_features=out_features, norm_layer=norm_layer or default_norm, **overrides
     )
     return backbone, weights_expected
 

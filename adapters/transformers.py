@@ -25,15 +25,10 @@ from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin
 from transformers.modeling_outputs import BackboneOutput
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .. import (
-    NORM_TYPES,
-    PRESETS,
-    FrozenBatchNorm2d,
-    ResNetBackbone,
-    ResNetConfig,
-    align_out_features,
-    optimize_for_inference,
-)
+from resnet_backbone import FrozenBatchNorm2d, ResNetBackbone, ResNetConfig, optimize_for_inference
+from resnet_backbone.adapter_api import NORM_TYPES, align_out_features
+from resnet_backbone.weights import resolve_source
+
 from . import timm as _timm_adapter  # noqa: F401  (registers the rb_* models for transformers' timm route)
 
 __all__ = [
@@ -194,20 +189,17 @@ def backbone_config(
     """The ``backbone_config`` for any transformers model that calls ``load_backbone``.
 
     A preset name or a ``ResNetConfig`` gives random weights; anything else is loaded with
-    ``ResNetBackbone.from_pretrained`` (a directory, a weights file or a Hub repo id, of this project,
+    ``ResNetBackbone.from_pretrained`` (a directory, a weights file, a Hub repo id or a URL, of this project,
     transformers, torchvision or timm), here to check it, and again with the model, whose backbone then holds
     these weights. ``overrides`` are ``ResNetConfig`` fields, e.g. ``out_features``, ``output_stride``.
     """
     if isinstance(preset_or_config_or_path, ResNetConfig):
         return TransformersResNetConfig.from_resnet_config(preset_or_config_or_path.with_overrides(**overrides))
-    if isinstance(preset_or_config_or_path, str) and preset_or_config_or_path in PRESETS:
-        return TransformersResNetConfig.from_resnet_config(
-            ResNetConfig.from_preset(preset_or_config_or_path, **overrides)
-        )
-    loaded = ResNetBackbone.load(preset_or_config_or_path, **overrides)
-    return TransformersResNetConfig.from_resnet_config(
-        loaded.config, pretrained_weights=os.fspath(preset_or_config_or_path)
-    )
+    source = resolve_source(preset_or_config_or_path)
+    if source.kind == "preset":
+        return TransformersResNetConfig.from_resnet_config(ResNetConfig.from_preset(source.value, **overrides))
+    loaded = ResNetBackbone.from_pretrained(source, **overrides)
+    return TransformersResNetConfig.from_resnet_config(loaded.config, pretrained_weights=source.value)
 
 
 def find_backbone(model: nn.Module) -> TransformersResNetBackbone:

@@ -1,20 +1,20 @@
 """ResNet v1.5 multi-scale feature extractor for detection and segmentation."""
 
+import warnings
+from typing import Any
+
+from . import adapter_api
 from .backbone import ResNetBackbone
 from .classification import ResNetForImageClassification, ResNetModel
 from .config import ResNetConfig
-from .hints import close_match_hint
 from .inference import compile_for_training, computes_bf16_natively, optimize_for_inference
-from .layers import NORM_TYPES, FrozenBatchNorm2d
+from .layers import FrozenBatchNorm2d
 from .model_parts import dense_parts, register_dense_parts, register_foldable_norm
-from .out_features import align_out_features
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
-from .trunk import ResNetTrunk, check_pixel_values
 from .weights import CheckpointMismatchError, LoadReport
 
 __all__ = [
-    "NORM_TYPES",
     "PRESETS",
     "BackboneOutput",
     "BaseModelOutputWithPoolingAndNoAttention",
@@ -26,10 +26,6 @@ __all__ = [
     "ResNetConfig",
     "ResNetForImageClassification",
     "ResNetModel",
-    "ResNetTrunk",
-    "align_out_features",
-    "check_pixel_values",
-    "close_match_hint",
     "compile_for_training",
     "computes_bf16_natively",
     "dense_parts",
@@ -37,3 +33,18 @@ __all__ = [
     "register_dense_parts",
     "register_foldable_norm",
 ]
+
+# Deprecated here, importable for one release: what adapters build on is resnet_backbone.adapter_api's.
+_MOVED_TO_ADAPTER_API = ("NORM_TYPES", "ResNetTrunk", "align_out_features", "check_pixel_values", "close_match_hint")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_ADAPTER_API:
+        warnings.warn(
+            f"resnet_backbone.{name} is deprecated and will be removed in the next release: import it from "
+            f"resnet_backbone.adapter_api (from resnet_backbone.adapter_api import {name}).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(adapter_api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

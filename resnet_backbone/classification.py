@@ -14,7 +14,8 @@ from torch import nn
 
 from .config import ResNetConfig
 from .outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
-from .trunk import ResNetPreTrainedModel, ResNetTrunk
+from .pretrained import ResNetPreTrainedModel
+from .trunk import ResNetTrunk
 
 
 class ResNetModel(ResNetTrunk):

@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model_parts import declared_dense_parts, dense_parts, is_foldable_norm, register_dense_parts
+from .pretrained import ResNetPreTrainedModel
 from .torch_compat import compile_without_autograd, cpu_computes_bf16_natively, is_compiled_module, tree_map
-from .trunk import ResNetPreTrainedModel
 from .weights.files import mark_optimized_for_inference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

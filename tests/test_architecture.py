@@ -71,6 +71,8 @@ def test_every_import_contract_is_kept():
         ("specs.py", "import torchvision", "The core imports no adapter"),
         ("specs.py", "from . import trunk", "No import cycles"),
         ("adapters/timm.py", "from ..trunk import ResNetTrunk as _", "Adapters use only the core's public API"),
+        ("adapters/timm.py", "from resnet_backbone.pretrained import ResNetPreTrainedModel as _", "Adapters use only"),
+        ("adapters/transformers.py", "from resnet_backbone.weights.resolve import Source as _", "Adapters use only"),
         ("adapters/torchvision.py", "from ..cli import main", "Three tiers"),
         ("adapters/torchvision.py", "from ..training import engine", "Three tiers"),
         ("training/engine.py", "from ..cli import main", "Three tiers"),
@@ -118,3 +120,28 @@ def test_private_torch_apis_are_reached_only_from_torch_compat():
     """The one module that checks each private API and names it when a torch release changes it."""
     outside = [path for path in SHIPPED if path != REPOSITORY / "resnet_backbone" / "torch_compat.py"]
     assert _lines_matching(PRIVATE_TORCH_API, outside) == []
+
+
+def test_the_names_adapters_use_moved_to_the_adapter_api_and_still_import_with_a_warning():
+    """They left ``resnet_backbone.__all__`` (what users call) for ``resnet_backbone.adapter_api``; the old
+    import path keeps working for one release, with a ``DeprecationWarning`` that says where they went."""
+    import resnet_backbone
+    from resnet_backbone import adapter_api
+
+    for name in ("NORM_TYPES", "ResNetTrunk", "align_out_features", "check_pixel_values", "close_match_hint"):
+        assert name not in resnet_backbone.__all__ and name in adapter_api.__all__
+        with pytest.warns(DeprecationWarning, match=rf"from resnet_backbone\.adapter_api import {name}\)"):
+            moved = getattr(resnet_backbone, name)
+        assert moved is getattr(adapter_api, name)
+    with pytest.raises(AttributeError, match="has no attribute 'ResNetTrunc'"):
+        resnet_backbone.ResNetTrunc  # noqa: B018
+
+
+def test_the_public_api_imports_without_a_warning(recwarn):
+    import resnet_backbone
+    import resnet_backbone.weights
+
+    for module in (resnet_backbone, resnet_backbone.weights):
+        for name in module.__all__:
+            getattr(module, name)
+    assert not recwarn.list

@@ -8,7 +8,8 @@ import pytest
 import transformers
 from helpers import ALL_STAGES, TINY_BASIC
 
-from resnet_backbone import ResNetBackbone, ResNetConfig, align_out_features
+from resnet_backbone import ResNetBackbone, ResNetConfig
+from resnet_backbone.adapter_api import align_out_features
 
 NUM_STAGES = len(ALL_STAGES)
 

@@ -1,4 +1,5 @@
-"""Checkpoint files: safe reading, atomic writing, and finding them locally or on the Hugging Face Hub.
+"""Checkpoint files: safe reading, atomic writing, and finding a source's files (local, on the Hugging Face Hub,
+or at a URL).
 
 Reading never unpickles arbitrary objects: safetensors first, and ``.bin``/``.pth`` files only through
 ``torch.load(weights_only=True)``. Writing refuses a model optimised for inference, whose weights no longer
@@ -7,8 +8,10 @@ fit the layout a checkpoint's readers expect.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .layouts import extract_state_dict
+from .resolve import WEIGHTS_SUFFIXES, Source, resolve_source
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
-WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 EXPECTED_CHECKPOINT = (
     f"expected a weights file ({'/'.join(WEIGHTS_SUFFIXES)}) or a folder with {CONFIG_NAME} and "
     f"{' or '.join(WEIGHTS_NAMES)}"
@@ -156,31 +159,62 @@ def _fsync(path: Path) -> None:
 
 
 def locate_checkpoint(
-    path_or_repo_id: str | os.PathLike,
+    source: str | os.PathLike | Source,
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ) -> tuple[Path | None, Path]:
-    """``(config.json or None, weights file)`` for a directory, a weights file, or a Hub repo id.
+    """``(config.json or None, weights file)`` for a folder, a weights file, a Hub repo id or a URL.
 
-    Hub files go through ``huggingface_hub``, so its cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` apply.
+    Hub files go through ``huggingface_hub``, so its cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` apply (and the
+    keyword options); a URL's file is downloaded once into torch's hub cache (see :func:`local_weights_file`).
     """
-    path = Path(path_or_repo_id)
-    if path.is_dir():
-        weights = next((path / name for name in WEIGHTS_NAMES if (path / name).is_file()), None)
-        if weights is None:
-            contents = sorted(p.name for p in path.iterdir())
-            raise ValueError(
-                f"{path} holds no weights: expected {' or '.join(WEIGHTS_NAMES)}, found {contents or 'nothing'}."
-            )
-        config = path / CONFIG_NAME
-        return (config if config.is_file() else None), weights
-    if path.is_file():
-        return None, path
-    if path.suffix in WEIGHTS_SUFFIXES or path.suffix == ".json" or str(path_or_repo_id).startswith((".", "/")):
-        raise ValueError(f"{path} does not exist.")
-    return _download(str(path_or_repo_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    source = resolve_source(source)
+    if source.kind == "folder":
+        return _in_folder(source.path)
+    if source.kind == "hub":
+        return _download(source.value, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    if source.kind in ("file", "url"):
+        return None, local_weights_file(source, local_files_only=local_files_only)
+    raise ValueError(
+        f"{source.value!r} is a preset, which has no weights: from_preset({source.value!r}) or "
+        f"load({source.value!r}) builds it with random weights; from_pretrained reads a checkpoint."
+    )
+
+
+def local_weights_file(source: Source, *, local_files_only: bool = False) -> Path:
+    """The local file of a file source, or of a URL: downloaded once into ``$TORCH_HOME/hub/checkpoints`` (where
+    torchvision keeps its weights) and read from there afterwards. The cached name starts with a hash of the
+    URL, so two URLs that end in the same file name (``.../model.safetensors``) never share a file."""
+    if source.kind != "url":
+        return source.path
+    name = Path(urllib.parse.urlparse(source.value).path).name
+    if not name:
+        raise ValueError(f"{source.value} names no file: expected a URL ending in the checkpoint's file name.")
+    url_hash = hashlib.sha256(source.value.encode()).hexdigest()[:16]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{url_hash}-{name}"
+    if cached.is_file():
+        return cached
+    if local_files_only:
+        raise ValueError(f"{source.value} is not in the download cache ({cached}) and local_files_only is set.")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(source.value, os.fspath(cached), progress=True)
+    except (OSError, ValueError) as error:  # urllib's URLError and HTTPError are OSErrors
+        raise ValueError(f"Could not download {source.value}: {error}") from None
+    return cached
+
+
+def _in_folder(folder: Path) -> tuple[Path | None, Path]:
+    weights = next((folder / name for name in WEIGHTS_NAMES if (folder / name).is_file()), None)
+    if weights is None:
+        contents = sorted(p.name for p in folder.iterdir())
+        raise ValueError(
+            f"{folder} holds no weights: expected {' or '.join(WEIGHTS_NAMES)}, found {contents or 'nothing'}."
+        )
+    config = folder / CONFIG_NAME
+    return (config if config.is_file() else None), weights
 
 
 def _download(repo_id: str, **hub_options) -> tuple[Path, Path]:
