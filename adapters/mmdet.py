@@ -26,15 +26,22 @@ from typing import Any
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from .. import NORM_TYPES, PRESETS, LoadReport, ResNetConfig, ResNetTrunk, close_match_hint
-from ..weights import PeerLayout, from_canonical, load_checkpoint, peer_layout_of, read_state_dict
+from resnet_backbone import PRESETS, LoadReport, ResNetConfig
+from resnet_backbone.adapter_api import GROUP_NORM_GROUPS, NORM_TYPES, ResNetTrunk, close_match_hint
+from resnet_backbone.weights import (
+    PeerLayout,
+    from_canonical,
+    load_checkpoint,
+    peer_layout_of,
+    read_state_dict,
+    resolve_source,
+)
 
 __all__ = ["RBResNet"]
 
 DEPTHS = (18, 34, 50, 101, 152)
 # mmcv's norm types -> the core's norm_layer. The core's GroupNorm has 32 groups, as mmdet's GN configs.
 _NORM_LAYERS = {"BN": "batch", "BN2d": "batch", "SyncBN": "sync_batch", "GN": "group"}
-_GROUP_NORM_GROUPS = 32
 # Options of mmdet's and mmseg's ResNet that RBResNet does not implement: accepted only at these defaults.
 _UNSUPPORTED = {
     "dcn": "deformable convolutions (dcn)",
@@ -207,8 +214,8 @@ def _norm_layer(norm_cfg: Mapping[str, Any] | None) -> tuple[str, bool]:
             f"norm_cfg type must be one of {', '.join(_NORM_LAYERS)}, got {norm_type!r}."
             f"{close_match_hint(norm_type, _NORM_LAYERS)}"
         )
-    if norm_type == "GN" and options.pop("num_groups", None) != _GROUP_NORM_GROUPS:
-        raise ValueError(f"norm_cfg type 'GN' needs num_groups={_GROUP_NORM_GROUPS}, got {norm_cfg!r}.")
+    if norm_type == "GN" and options.pop("num_groups", None) != GROUP_NORM_GROUPS:
+        raise ValueError(f"norm_cfg type 'GN' needs num_groups={GROUP_NORM_GROUPS}, got {norm_cfg!r}.")
     if options:
         raise ValueError(
             f"norm_cfg options {sorted(options)} are not supported (only type, requires_grad and GN's "
@@ -330,16 +337,17 @@ def _pretrained_init_cfg(pretrained: str | None, init_cfg: Mapping[str, Any] | N
 
 
 def _read_checkpoint(checkpoint: str | os.PathLike) -> Mapping[str, Tensor]:
-    """A URL-like name (``torchvision://resnet50``, ``open-mmlab://...``, ``https://...``) through mmengine's
-    loader and cache, as mmdet reads it; a file through the weights package's safe reader; anything else
-    (a directory, a Hugging Face Hub id) through ``from_pretrained``."""
-    if isinstance(checkpoint, str) and "://" in checkpoint:
+    """A URL (``torchvision://resnet50``, ``open-mmlab://...``, ``https://...``) through mmengine's loader and
+    cache, as mmdet reads it; a file through the weights package's safe reader; a folder or Hub repo id through
+    ``from_pretrained`` (which refuses a preset: it has no weights)."""
+    source = resolve_source(checkpoint)
+    if source.kind == "url":
         from mmengine.runner.checkpoint import CheckpointLoader  # mmengine's runner takes seconds to import
 
-        return CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")
-    if os.path.isfile(checkpoint):
-        return read_state_dict(checkpoint)
-    return ResNetTrunk.from_pretrained(checkpoint).state_dict()
+        return CheckpointLoader.load_checkpoint(source.value, map_location="cpu")
+    if source.kind == "file":
+        return read_state_dict(source.path)
+    return ResNetTrunk.from_pretrained(source).state_dict()
 
 
 def _under_prefix(checkpoint: Mapping[str, Any], prefix: str) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from helpers import TINY_BASIC, max_abs_diff, place_in_hub_cache
 import resnet_backbone.adapters.transformers as rbt
 from resnet_backbone import ResNetBackbone, ResNetModel
 from resnet_backbone.adapters.torchvision import build_detector, build_segmenter, resnet_fpn_backbone
+from resnet_backbone.cli.info import config_from_argument
 from resnet_backbone.weights import Source, resolve_source
 
 
@@ -102,7 +103,15 @@ def _entry_points():
         "resnet_fpn_backbone": resnet_fpn_backbone,
         "build_detector": lambda source: build_detector("fasterrcnn", source),
         "build_segmenter": lambda source: build_segmenter("fcn", source),
+        "RBResNet(pretrained=...)": _mmdet_pretrained,
+        "resnet-backbone info": config_from_argument,
     }
+
+
+def _mmdet_pretrained(source: str) -> None:
+    from resnet_backbone.adapters.mmdet import RBResNet  # mmengine's registry takes a second to import
+
+    RBResNet(depth=18, pretrained=source).init_weights()
 
 
 @pytest.mark.parametrize("bad", ["resnet5O", "{tmp}/missing/model.safetensors", "./resnet50"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..backbone import ResNetBackbone
 from ..config import ResNetConfig
 from ..presets import PRESETS
+from ..weights import resolve_source
+from ..weights.files import CONFIG_NAME
 
 HELP = "stage table: channels, strides, shapes, parameters, GFLOPs"
 
@@ -38,18 +39,22 @@ def run(args: argparse.Namespace) -> None:
     print(format_stage_table(stage_rows(config, args.input)))
 
 
-def config_from_argument(source: str) -> ResNetConfig:
-    """A preset name, a config.json file, or a directory that holds one."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(f"{source} is a directory without a config.json.")
-    if path.is_file():
-        return ResNetConfig.from_json_file(path)
-    if source not in PRESETS and (path.suffix or "/" in source):
-        raise ValueError(f"{source} does not exist (expected a preset name or a config.json path).")
-    return ResNetConfig.from_preset(source)
+def config_from_argument(argument: str) -> ResNetConfig:
+    """A preset name, a config.json file, or a folder that holds one."""
+    source = resolve_source(argument)
+    if source.kind == "preset":
+        return ResNetConfig.from_preset(source.value)
+    if source.kind == "folder":
+        config = source.path / CONFIG_NAME
+        if not config.is_file():
+            raise ValueError(f"{argument} is a directory without a {CONFIG_NAME}.")
+        return ResNetConfig.from_json_file(config)
+    if source.kind == "file":
+        return ResNetConfig.from_json_file(source.path)
+    raise ValueError(
+        f"{argument!r} is a Hub repo id or URL; info reads a preset name, a {CONFIG_NAME} file or a folder that "
+        "holds one."
+    )
 
 
 def _input_shape(text: str) -> tuple[int, int, int]:
