@@ -13,13 +13,25 @@ class ResNetBackbone(ResNetTrunk):
     """A ResNet v1.5 that returns the feature maps of ``out_features`` (transformers' conventions).
 
     Stages deeper than the deepest requested one are not built: they cost nothing and leave no unused
-    parameters. Channels and strides are known before any forward pass.
+    parameters. Channels and strides are known before any forward pass. Checkpoints load through the
+    inherited ``from_pretrained`` / ``from_torchvision`` / ``from_timm``.
+
+    Args:
+        config: the architecture (default: ``ResNetConfig()``, a ResNet-50); it is copied, never mutated.
+        overrides: ``ResNetConfig`` fields on top of it, e.g. ``out_features=["stage2", "stage4"]``.
+
+    Raises:
+        ValueError: an unknown field (with a close match) or an invalid value.
 
     Example::
 
-        backbone = ResNetBackbone(out_features=["stage2", "stage4"])  # ResNet-50
-        backbone(pixel_values).feature_maps  # ((B, 512, H/8, W/8), (B, 2048, H/32, W/32))
-        backbone.channels, backbone.strides  # [512, 2048], [8, 32]
+        >>> import torch
+        >>> from resnet_backbone import ResNetBackbone
+        >>> backbone = ResNetBackbone.from_preset("resnet18", depths=[1, 1, 1, 1], out_features=["stage2", "stage4"])
+        >>> backbone.channels, backbone.strides
+        ([128, 512], [8, 32])
+        >>> [tuple(f.shape) for f in backbone(torch.randn(1, 3, 64, 96)).feature_maps]
+        [(1, 128, 8, 12), (1, 512, 2, 3)]
     """
 
     # TorchScript compiles only what torchvision's scripted detectors call (the trunk's scripted stage loop);

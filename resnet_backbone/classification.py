@@ -19,7 +19,16 @@ from .trunk import ResNetTrunk
 
 
 class ResNetModel(ResNetTrunk):
-    """All stages, the last hidden state and its global average (``pooler_output``)."""
+    """All stages, the last hidden state and its global average (``pooler_output``): transformers'
+    ``ResNetModel``, with its state-dict keys.
+
+    Args:
+        config: the architecture (default: ``ResNetConfig()``, a ResNet-50); it is copied, never mutated.
+        overrides: ``ResNetConfig`` fields on top of it.
+
+    Raises:
+        ValueError: an unknown field (with a close match) or an invalid value.
+    """
 
     def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -42,7 +51,25 @@ class ResNetModel(ResNetTrunk):
 
 
 class ResNetForImageClassification(ResNetPreTrainedModel):
-    """``ResNetModel`` (as ``resnet``) and a linear classifier on its pooled output."""
+    """``ResNetModel`` (as ``resnet``) and a linear classifier on its pooled output: transformers'
+    ``ResNetForImageClassification``, with its state-dict keys (``resnet.*``, ``classifier.1.*``).
+
+    Args:
+        config: the architecture and its labels (``num_labels``, ``id2label``; 0 labels: no classifier).
+        overrides: ``ResNetConfig`` fields on top of it.
+
+    Raises:
+        ValueError: an unknown field (with a close match) or an invalid value.
+
+    Example::
+
+        >>> import torch
+        >>> from resnet_backbone import ResNetForImageClassification
+        >>> model = ResNetForImageClassification.from_preset("resnet18", depths=[1, 1, 1, 1], num_labels=3)
+        >>> output = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))
+        >>> tuple(output.logits.shape), output.loss.ndim
+        ((2, 3), 0)
+    """
 
     def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)

@@ -47,7 +47,17 @@ _IGNORED_TRANSFORMERS_KEYS = {
 class ResNetConfig:
     """Configuration of a ResNet v1.5 (stride 2 in the bottleneck's 3x3 convolution).
 
-    Extensions beyond transformers:
+    Every field is validated when the config is built (an invalid value is a ValueError naming the field and
+    its choices); ``stage_names`` are ``"stem"``, ``"stage1"``, ... one per ``depths`` entry.
+
+    Args:
+        num_channels, embedding_size, hidden_sizes, depths, layer_type, hidden_act, downsample_in_first_stage,
+            downsample_in_bottleneck: transformers' ``ResNetConfig`` fields, with its meaning and defaults
+            (a ResNet-50).
+        out_features, out_indices: the stages a backbone returns, by name or index (index 0 is the stem); give
+            one, the other follows. Default: the last stage.
+        num_labels, id2label, label2id, problem_type, output_hidden_states, return_dict, architectures:
+            transformers' generic fields that the models read.
         groups, width_per_group: ResNeXt / Wide ResNet; the bottleneck's inner width is
             ``hidden_size / 4 * width_per_group / 64 * groups``, as torchvision computes it.
         stem_type, avg_down: ResNet-C/D (``"deep"``: three 3x3 stem convs; avg-pool shortcuts), as timm.
@@ -64,6 +74,18 @@ class ResNetConfig:
         freeze_at: ``k`` freezes ``stage_names[:k]`` (no gradients, norms kept in eval mode).
         norm_eval: keep every norm layer in eval mode while training.
         zero_init_residual, drop_path_rate: as torchvision and timm.
+
+    Raises:
+        ValueError: a field with an invalid value, or fields that contradict each other.
+
+    Example::
+
+        >>> from resnet_backbone import ResNetConfig
+        >>> config = ResNetConfig(layer_type="basic", hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])
+        >>> config.stage_names
+        ['stem', 'stage1', 'stage2', 'stage3', 'stage4']
+        >>> config.out_features, config.out_indices
+        (['stage4'], [4])
     """
 
     model_type = "resnet"
@@ -137,13 +159,51 @@ class ResNetConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ResNetConfig:
-        """Config of a named architecture (``"resnet50"``, ``"resnext50_32x4d"``, ...) with overrides."""
+        """Config of a named architecture with overrides.
+
+        Args:
+            name: a key of ``PRESETS`` (``"resnet50"``, ``"resnext50_32x4d"``, ...).
+            overrides: fields replacing the preset's.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ValueError: an unknown preset or field (each with a close match and the valid names), or an
+                invalid value.
+
+        Example::
+
+            >>> from resnet_backbone import ResNetConfig
+            >>> config = ResNetConfig.from_preset("resnet50", out_features=["stage2", "stage4"])
+            >>> config.depths, config.out_indices
+            ([3, 4, 6, 3], [2, 4])
+        """
         fields_of_preset = preset_overrides(name)
         check_field_names(overrides)
         return cls(**{**fields_of_preset, **overrides})
 
     def with_overrides(self, **overrides: Any) -> ResNetConfig:
-        """A validated copy with some fields replaced; an unknown field name is an error."""
+        """A validated copy with some fields replaced; this config is left as it is.
+
+        Setting one of linked fields re-derives the others: ``out_features`` or ``out_indices``, and
+        ``num_labels`` or ``id2label`` / ``label2id``.
+
+        Args:
+            overrides: field names and their new values.
+
+        Returns:
+            The new config.
+
+        Raises:
+            ValueError: an unknown field name (with a close match) or an invalid value.
+
+        Example::
+
+            >>> from resnet_backbone import ResNetConfig
+            >>> ResNetConfig().with_overrides(out_indices=[1, 3]).out_features
+            ['stage1', 'stage3']
+        """
         check_field_names(overrides)
         for linked in _LINKED_FIELDS:
             if any(name in overrides for name in linked):
@@ -166,7 +226,20 @@ class ResNetConfig:
 
     @classmethod
     def from_dict(cls, config_dict: Mapping[str, Any], **overrides: Any) -> ResNetConfig:
-        """Read a dict written by :meth:`to_dict` or by transformers' ``ResNetConfig.to_dict``."""
+        """Read a dict written by :meth:`to_dict` or by transformers' ``ResNetConfig.to_dict``.
+
+        Args:
+            config_dict: the fields; keys that transformers writes but that do not change the network are
+                dropped, other unknown keys are dropped with a warning.
+            overrides: fields replacing the dict's.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ValueError: not a JSON object, another ``model_type``, stored ``stage_names`` that disagree with
+                ``depths``, or an invalid value.
+        """
         if not isinstance(config_dict, Mapping):
             raise ValueError(f"A ResNet config must be a JSON object, got {type(config_dict).__name__}.")
         data = dict(config_dict)
@@ -224,6 +297,19 @@ class ResNetConfig:
 
     @classmethod
     def from_json_file(cls, path: str | PathLike, **overrides: Any) -> ResNetConfig:
+        """Read a ``config.json`` written by :meth:`to_json_file`, ``save_pretrained`` or transformers.
+
+        Args:
+            path: the file.
+            overrides: fields replacing the file's.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ValueError: the file is not JSON or not a ResNet config (see :meth:`from_dict`).
+            OSError: the file cannot be read.
+        """
         text = Path(path).read_text(encoding="utf-8")
         try:
             config_dict = json.loads(text)

@@ -95,7 +95,13 @@ def optimize_for_inference(
 
     Example::
 
-        fast = optimize_for_inference(ResNetBackbone.from_preset("resnet18").eval(), dtype=torch.bfloat16)
+        >>> import torch
+        >>> from resnet_backbone import ResNetBackbone, optimize_for_inference
+        >>> backbone = ResNetBackbone.from_preset("resnet18", depths=[1, 1, 1, 1]).eval()
+        >>> fast = optimize_for_inference(backbone)
+        >>> images = torch.randn(1, 3, 64, 64)
+        >>> torch.allclose(fast(images).feature_maps[0], backbone(images).feature_maps[0], rtol=1e-3, atol=1e-4)
+        True
     """
     if not isinstance(model, nn.Module) or is_compiled_module(model):
         raise TypeError(

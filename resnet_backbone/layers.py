@@ -15,6 +15,10 @@ class FrozenBatchNorm2d(nn.Module):
     bit for bit: ``x * scale + shift``. Unlike the BatchNorm kernel, that multiply-add keeps no copy of its
     input for the backward pass, which is what fine-tuning a frozen-norm detector spends its memory on.
     Unlike torchvision's, it keeps the input's dtype (bf16/fp16 in, bf16/fp16 out).
+
+    Args:
+        num_features: the channels.
+        eps: added to the variance, as BatchNorm's.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:

@@ -29,7 +29,13 @@ class ModelOutput:
 
 @dataclass
 class BackboneOutput(ModelOutput):
-    """``feature_maps`` in ``out_features`` order; ``hidden_states``: the stem, then each computed stage."""
+    """What a backbone returns (transformers' ``BackboneOutput``).
+
+    Attributes:
+        feature_maps: one tensor per ``out_features`` entry, in that order.
+        hidden_states: when asked, the stem's output, then each computed stage's.
+        attentions: always ``None`` (a ResNet has none); transformers' models read the field.
+    """
 
     feature_maps: tuple[torch.Tensor, ...]
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -38,6 +44,14 @@ class BackboneOutput(ModelOutput):
 
 @dataclass
 class BaseModelOutputWithPoolingAndNoAttention(ModelOutput):
+    """What ``ResNetModel`` returns (transformers' class of that name).
+
+    Attributes:
+        last_hidden_state: the last stage's feature map.
+        pooler_output: its global average, of shape (batch, channels, 1, 1).
+        hidden_states: when asked, the stem's output, then each stage's.
+    """
+
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -45,6 +59,14 @@ class BaseModelOutputWithPoolingAndNoAttention(ModelOutput):
 
 @dataclass
 class ImageClassifierOutputWithNoAttention(ModelOutput):
+    """What ``ResNetForImageClassification`` returns (transformers' class of that name).
+
+    Attributes:
+        loss: the loss, when labels were given.
+        logits: one score per label, of shape (batch, num_labels).
+        hidden_states: when asked, the stem's output, then each stage's.
+    """
+
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None

@@ -24,7 +24,16 @@ from .weights.sources import Checkpoint, timm_checkpoint, torchvision_checkpoint
 
 class ResNetPreTrainedModel(nn.Module):
     """Base of every model here: owns a validated copy of its config (the caller's is never mutated),
-    and reads and writes checkpoints of transformers, torchvision and timm."""
+    and reads and writes checkpoints of transformers, torchvision and timm.
+
+    Args:
+        config: the architecture; ``None`` is ``ResNetConfig()`` (a ResNet-50).
+        overrides: ``ResNetConfig`` fields replacing the config's, e.g. ``out_features=["stage4"]``.
+
+    Raises:
+        TypeError: ``config`` is not a ``ResNetConfig``.
+        ValueError: an override is no config field (with a close match) or an invalid value.
+    """
 
     def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -35,7 +44,24 @@ class ResNetPreTrainedModel(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Self:
-        """A randomly initialised model of a named architecture, e.g. ``from_preset("resnet50")``."""
+        """A randomly initialised model of a named architecture.
+
+        Args:
+            name: a key of ``PRESETS``, e.g. ``"resnet50"``.
+            overrides: ``ResNetConfig`` fields on top of the preset's.
+
+        Returns:
+            The model, with random weights.
+
+        Raises:
+            ValueError: an unknown preset (with a close match and the valid names) or override.
+
+        Example::
+
+            >>> from resnet_backbone import ResNetBackbone
+            >>> ResNetBackbone.from_preset("resnet18", depths=[1, 1, 1, 1], out_features=["stage4"]).channels
+            [512]
+        """
         return cls(ResNetConfig.from_preset(name, **overrides))
 
     @classmethod
@@ -46,6 +72,9 @@ class ResNetPreTrainedModel(nn.Module):
             source: a preset name, a checkpoint file or folder, a Hub repo id (``namespace/name``) or a URL;
                 :func:`~resnet_backbone.weights.resolve_source` says which.
             overrides: ``ResNetConfig`` fields, e.g. ``out_features``.
+
+        Returns:
+            The model: random weights for a preset, else the checkpoint's (see :meth:`from_pretrained`).
 
         Raises:
             ValueError: ``source`` is none of these (with a close preset name), or its checkpoint does not fit.
@@ -71,9 +100,26 @@ class ResNetPreTrainedModel(nn.Module):
         """Load a directory (config.json + weights), a weights file, a Hugging Face Hub repo id, or a URL.
 
         Accepts transformers' ResNetModel / ResNetForImageClassification / ResNetBackbone checkpoints
-        (e.g. ``microsoft/resnet-50``) and torchvision / timm state dicts; ``overrides`` (such as
-        ``out_features``) apply on top of the stored config. See :func:`load_checkpoint` for ``strict``. A URL's
-        file is downloaded once, into torch's hub cache (``$TORCH_HOME/hub/checkpoints``).
+        (e.g. ``microsoft/resnet-50``) and torchvision / timm state dicts. A URL's file is downloaded once, into
+        torch's hub cache (``$TORCH_HOME/hub/checkpoints``).
+
+        Args:
+            path_or_repo_id: a folder with ``config.json`` (its weights then follow that config), a weights
+                file (``.safetensors``, ``.bin``, ``.pth``: the architecture is read off its keys and shapes), a
+                Hub repo id or a URL.
+            revision, cache_dir, local_files_only: as in ``huggingface_hub.hf_hub_download``, for a Hub id.
+            strict: every key must find its place with the right shape, else nothing is loaded (see
+                :func:`~resnet_backbone.weights.load_checkpoint`); ``False`` loads what fits and reports the rest.
+            overrides: ``ResNetConfig`` fields on top of the stored or inferred config, e.g. ``out_features``.
+
+        Returns:
+            The model; its ``load_report`` says what matched. A classifier a backbone has no place for is
+            dropped, with a warning.
+
+        Raises:
+            ValueError: an unknown override, an unreadable or foreign checkpoint, or (strict) keys that do not
+                fit (:class:`~resnet_backbone.weights.CheckpointMismatchError`, a ValueError).
+            OSError: a file or folder that cannot be read, with its name.
         """
         check_field_names(overrides)
         config_path, weights_path = locate_checkpoint(
@@ -88,8 +134,20 @@ class ResNetPreTrainedModel(nn.Module):
 
     @classmethod
     def from_torchvision(cls, source: Any, *, strict: bool = True, **overrides: Any) -> Self:
-        """Load torchvision weights: a model, a state dict, a checkpoint path, or a weights enum or its name
-        (``"ResNet50_Weights.IMAGENET1K_V2"``, downloaded through torchvision's own loader and cache)."""
+        """Load torchvision weights.
+
+        Args:
+            source: a torchvision ResNet, a state dict, a checkpoint path, or a weights enum or its name
+                (``"ResNet50_Weights.IMAGENET1K_V2"``, downloaded through torchvision's own loader and cache).
+            strict: as in :meth:`from_pretrained`.
+            overrides: ``ResNetConfig`` fields on top of the architecture read off the weights.
+
+        Returns:
+            The model, with ``load_report``.
+
+        Raises:
+            ValueError: an unknown override or weights name, or (strict) keys that do not fit.
+        """
         check_field_names(overrides)
         checkpoint = torchvision_checkpoint(source)
         config = infer_config(checkpoint.state_dict, **{**checkpoint.config_fields, **overrides})
@@ -97,8 +155,19 @@ class ResNetPreTrainedModel(nn.Module):
 
     @classmethod
     def from_timm(cls, source: Any, *, strict: bool = True, **overrides: Any) -> Self:
-        """Load timm weights: a model, a state dict, a checkpoint path, or a timm name with a pretrained tag
-        (``"resnet50.a1_in1k"``, downloaded through timm's own pretrained loading)."""
+        """Load timm weights (ResNet-D and the other variants timm has and torchvision lacks included).
+
+        Args:
+            source: a timm ResNet, a state dict, a checkpoint path, or a timm name with a pretrained tag
+                (``"resnet50.a1_in1k"``, downloaded through timm's own pretrained loading).
+            strict, overrides: as in :meth:`from_torchvision`.
+
+        Returns:
+            The model, with ``load_report``.
+
+        Raises:
+            ValueError: as in :meth:`from_torchvision`, for a timm model name.
+        """
         check_field_names(overrides)
         checkpoint = timm_checkpoint(source)
         config = infer_config(checkpoint.state_dict, **{**checkpoint.config_fields, **overrides})
@@ -117,16 +186,54 @@ class ResNetPreTrainedModel(nn.Module):
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (transformers' layout), atomically. Refuses a model
-        that went through ``optimize_for_inference``: save the original."""
+        """Write ``config.json`` and ``model.safetensors`` (transformers' layout), atomically: both files
+        appear complete or not at all.
+
+        Args:
+            directory: the folder to write (created if needed; existing files of these names are replaced).
+
+        Returns:
+            The folder.
+
+        Raises:
+            ValueError: the model went through ``optimize_for_inference`` (its folded weights are no
+                checkpoint): save the original.
+            OSError: the folder cannot be written, with its name.
+
+        Example::
+
+            >>> import tempfile
+            >>> from resnet_backbone import ResNetBackbone
+            >>> tiny = ResNetBackbone.from_preset("resnet18", depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8])
+            >>> folder = tiny.save_pretrained(tempfile.mkdtemp())
+            >>> sorted(path.name for path in folder.iterdir())
+            ['config.json', 'model.safetensors']
+            >>> ResNetBackbone.from_pretrained(folder).load_report.is_exact
+            True
+        """
         refuse_optimized_for_inference(self)
         config = self.config.with_overrides(architectures=[type(self).__name__])
         return write_checkpoint(directory, config.to_json_string(), self.state_dict())
 
     def to_torchvision_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under torchvision's keys; torchvision's model loads them with ``strict=True``."""
+        """Weights under torchvision's keys; torchvision's model loads them with ``strict=True``.
+
+        Returns:
+            ``{torchvision key: tensor}``.
+
+        Raises:
+            ValueError: torchvision has no such architecture (a deep stem, say), or the model was optimised
+                for inference.
+        """
         return peer_state_dict(self, "torchvision")
 
     def to_timm_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under timm's keys; timm's model loads them with ``strict=True``."""
+        """Weights under timm's keys; timm's model loads them with ``strict=True``.
+
+        Returns:
+            ``{timm key: tensor}``.
+
+        Raises:
+            ValueError: timm has no such architecture, or the model was optimised for inference.
+        """
         return peer_state_dict(self, "timm")

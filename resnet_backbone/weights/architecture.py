@@ -26,6 +26,17 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> Re
     Read from the tensors: depths, hidden sizes, block type, groups and width, stem type and width,
     input channels, norm type (batch or group) and the classifier size; avg_down too for timm keys
     (transformers' layout cannot show it: an average pool has no weights).
+
+    Args:
+        state_dict: the checkpoint's tensors, in any layout :func:`to_canonical` reads.
+        overrides: ``ResNetConfig`` fields that the tensors cannot show (``out_features``, ``output_stride``,
+            ``norm_layer="frozen_batch"``, ...).
+
+    Returns:
+        The config.
+
+    Raises:
+        ValueError: the keys are in no known layout, or they do not describe a ResNet.
     """
     check_field_names(overrides)
     canonical, layout = to_canonical(state_dict)
@@ -96,7 +107,22 @@ def _grouping_fields(canonical: Mapping[str, torch.Tensor], hidden_sizes: list[i
 
 
 def describe(config: ResNetConfig) -> str:
-    """A preset name when the architecture is one, else its distinguishing fields."""
+    """A short name of ``config``'s architecture, for messages.
+
+    Args:
+        config: the config.
+
+    Returns:
+        A preset name when the architecture is one (with its input channels when not 3), else its
+        architecture fields as ``name=value`` pairs.
+
+    Example::
+
+        >>> from resnet_backbone import ResNetConfig
+        >>> from resnet_backbone.weights import describe
+        >>> describe(ResNetConfig(num_channels=1))
+        'resnet50 with 1 input channels'
+    """
     for name in PRESETS:
         preset = ResNetConfig.from_preset(name)
         if all(getattr(preset, f) == getattr(config, f) for f in ARCHITECTURE_FIELDS if f != "num_channels"):
@@ -105,12 +131,30 @@ def describe(config: ResNetConfig) -> str:
 
 
 def same_architecture(first: ResNetConfig, second: ResNetConfig) -> bool:
+    """Whether two configs build networks with the same tensors (selection, labels and training options aside).
+
+    Args:
+        first, second: the configs.
+
+    Returns:
+        True when every architecture field is equal.
+    """
     return all(getattr(first, name) == getattr(second, name) for name in ARCHITECTURE_FIELDS)
 
 
 def peer_layout_of(config: ResNetConfig, naming: str = "torchvision") -> PeerLayout:
-    """The key layout in which a library of ``naming`` (``"torchvision"``: also timm; ``"mmdet"``: also
-    mmseg) stores a model of ``config``."""
+    """The key layout in which a library of ``naming`` stores a model of ``config``.
+
+    Args:
+        config: the architecture (its stem, shortcuts and norm decide the keys).
+        naming: ``"torchvision"`` (also timm) or ``"mmdet"`` (also mmseg).
+
+    Returns:
+        The :class:`PeerLayout`, for :func:`from_canonical`.
+
+    Raises:
+        ValueError: an unknown ``naming``.
+    """
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}.")
     norm_name = "gn" if naming == "mmdet" and config.norm_layer == "group" else "bn"

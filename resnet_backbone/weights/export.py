@@ -18,7 +18,18 @@ def peer_state_dict(model: nn.Module, library: str) -> dict[str, torch.Tensor]:
 
     A backbone or ``ResNetModel`` has no ``fc``: load it into a headless peer (timm ``num_classes=0`` or
     ``features_only``; torchvision ``IntermediateLayerGetter``). Frozen norms gain ``num_batches_tracked``
-    so that the peer's BatchNorm finds every key. Refuses a model that went through ``optimize_for_inference``.
+    so that the peer's BatchNorm finds every key.
+
+    Args:
+        model: one of this project's models.
+        library: ``"torchvision"`` or ``"timm"``.
+
+    Returns:
+        ``{peer key: tensor}``.
+
+    Raises:
+        ValueError: an unknown library, an architecture it cannot represent (see :func:`export_problems`), or a
+            model that went through ``optimize_for_inference``.
     """
     refuse_optimized_for_inference(model)
     problems = export_problems(model.config, library)
@@ -31,7 +42,25 @@ def peer_state_dict(model: nn.Module, library: str) -> dict[str, torch.Tensor]:
 
 
 def export_problems(config: ResNetConfig, library: str) -> list[str]:
-    """Why ``library``'s ResNet cannot hold a model of ``config`` (empty when it can)."""
+    """Why ``library``'s ResNet cannot hold a model of ``config``.
+
+    Args:
+        config: the architecture.
+        library: ``"torchvision"`` or ``"timm"``.
+
+    Returns:
+        One reason per field the library's ResNet lacks; empty when it can hold the model.
+
+    Raises:
+        ValueError: an unknown library.
+
+    Example::
+
+        >>> from resnet_backbone import ResNetConfig
+        >>> from resnet_backbone.weights import export_problems
+        >>> export_problems(ResNetConfig.from_preset("resnet50d"), "timm")
+        []
+    """
     if library not in PEER_LIBRARIES:
         raise ValueError(f"library must be one of {PEER_LIBRARIES}, got {library!r}.")
     problems = []

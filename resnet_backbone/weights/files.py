@@ -57,7 +57,19 @@ def refuse_optimized_for_inference(model: torch.nn.Module) -> None:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, on the CPU; a clear error for anything unsafe, damaged or not a
-    checkpoint at all."""
+    checkpoint at all.
+
+    Args:
+        path: a ``.safetensors`` file, or a ``torch.save`` file (read with ``weights_only=True``: pickled
+            Python objects could run code, so a file holding any is refused).
+
+    Returns:
+        ``{key: tensor}``, unwrapped from a ``{"state_dict": ...}``-style container.
+
+    Raises:
+        ValueError: a folder, a missing file, or a file that is truncated, corrupt, unsafe or no checkpoint,
+            each named with the path.
+    """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a checkpoint file: {EXPECTED_CHECKPOINT}.")
@@ -98,6 +110,17 @@ def write_checkpoint(directory: str | os.PathLike, config_json: str, state_dict:
     Both files are first written in full (and flushed to disk) under temporary names beside their targets,
     then renamed over them. An interrupted save leaves the previous checkpoint as it was and no partial
     file under a checkpoint name.
+
+    Args:
+        directory: the folder (created if needed).
+        config_json: the text of ``config.json`` (``ResNetConfig.to_json_string()``).
+        state_dict: the tensors.
+
+    Returns:
+        The folder.
+
+    Raises:
+        OSError: the folder cannot be written.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,16 @@ _LAYOUT_NAMES = {None: "transformers", "torchvision": "torchvision/timm", "mmdet
 
 @dataclass
 class LoadReport:
-    """What a load did with each checkpoint key that did not load one-to-one."""
+    """What a load did with each checkpoint key that did not load one-to-one; ``str()`` lists them.
+
+    Attributes:
+        source_layout: the checkpoint's layout (``"transformers"``, ``"torchvision/timm"``, ...).
+        missing_keys: model keys the checkpoint had no tensor for.
+        unexpected_keys: checkpoint keys the model has no place for.
+        mismatched_keys: ``(key, checkpoint shape, model shape)`` of each tensor of the wrong shape.
+        dropped_classifier_keys: the checkpoint's classifier, which a model without a head does not take.
+        dropped_stage_keys: stages that a backbone does not build (deeper than its ``out_features``).
+    """
 
     source_layout: str
     missing_keys: list[str] = field(default_factory=list)
@@ -52,7 +61,14 @@ class LoadReport:
 
 
 class CheckpointMismatchError(ValueError):
-    """A strict load found missing, unexpected or mis-shaped keys; nothing was loaded."""
+    """A strict load found missing, unexpected or mis-shaped keys; nothing was loaded.
+
+    A ValueError, so the command line shows it as one line.
+
+    Args:
+        message: every problem and its likely cause.
+        report: the :class:`LoadReport`, kept as ``report``.
+    """
 
     def __init__(self, message: str, report: LoadReport) -> None:
         super().__init__(message)
@@ -73,6 +89,20 @@ def load_checkpoint(
     way, classifier weights a backbone has no place for and stages it does not build are dropped and
     reported; ``num_batches_tracked`` is never required (frozen norms have none). ``norm_eps`` (the
     source model's norm epsilons, keyed by module path in the checkpoint's layout) is copied over.
+
+    Args:
+        model: one of this project's models (it reads ``model.config``).
+        state_dict: the checkpoint's tensors, under any key prefix a wrapper adds (``module.``, ...).
+        strict: all or nothing, as above.
+        norm_eps: ``{"<module path>.eps": eps}`` of the source model's norms.
+
+    Returns:
+        The :class:`LoadReport`.
+
+    Raises:
+        CheckpointMismatchError: strict, and the checkpoint does not fit (with the likely cause: another
+            architecture, another number of labels).
+        ValueError: the keys are in no layout this package reads.
     """
     canonical, layout = to_canonical(state_dict)
     report = LoadReport(source_layout=_LAYOUT_NAMES[None if layout is None else layout.naming])
@@ -111,7 +141,23 @@ def load_placed(
 
     Adds to ``report`` the unexpected, missing and mis-shaped keys (``num_batches_tracked`` is never
     required). Strict and not exact: raises :class:`CheckpointMismatchError` naming them all, with
-    ``likely_cause()`` when it has one, and loads nothing. Else loads what fits.
+    ``likely_cause()`` when it has one, and loads nothing. Else loads what fits. An adapter whose model holds
+    the trunk among modules of its framework (a detector's heads) maps the ResNet's keys with
+    :func:`to_canonical`, keeps the rest as they are, and ends here, so it reports as every loader does.
+
+    Args:
+        model: the whole model.
+        placed: tensors under ``model``'s own state-dict keys.
+        report: the report to add to (its ``source_layout`` says where the tensors came from).
+        strict: all or nothing.
+        subject: how the error names the model (default: its class name).
+        likely_cause: called only when the load fails, for the error's "Likely cause:" line.
+
+    Returns:
+        ``report``.
+
+    Raises:
+        CheckpointMismatchError: strict, and some key is missing, unexpected or mis-shaped.
     """
     model_state = model.state_dict()
     fitting = {}

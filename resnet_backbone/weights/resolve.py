@@ -33,7 +33,13 @@ Names = Literal["preset", "torchvision", "timm"]
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved source: what it is, and the text that names it (a path's text for a file or folder)."""
+    """A resolved source, from :func:`resolve_source`; ``path`` is ``value`` as a ``Path``.
+
+    Attributes:
+        kind: what it is: ``"preset"``, ``"file"``, ``"folder"``, ``"hub"``, ``"url"``, or (where the caller
+            reads them) ``"torchvision_weights"`` or ``"timm_name"``.
+        value: the text that names it (a path's text for a file or folder).
+    """
 
     kind: SourceKind
     value: str
