@@ -53,6 +53,24 @@ class ResNetBody(nn.Module):
     For users who bring their own neck, and the body of :class:`ResNetFPN`. Eagerly it selects from the
     trunk's stage loop and reads the backbone's selection live; TorchScript compiles the trunk's scripted
     loop with the selection as it is when the body is scripted.
+
+    Args:
+        backbone: the backbone; its ``out_features`` are the outputs.
+        return_names: the outputs' names, one per ``out_features`` entry (torchvision's segmenters read
+            ``"out"`` and ``"aux"``).
+
+    Raises:
+        ValueError: ``return_names`` has not one name per ``out_features`` entry.
+
+    Example::
+
+        >>> import torch
+        >>> from resnet_backbone import ResNetBackbone
+        >>> from resnet_backbone.adapters.torchvision import ResNetBody
+        >>> backbone = ResNetBackbone.from_preset("resnet18", depths=[1, 1, 1, 1], out_features=["stage3", "stage4"])
+        >>> body = ResNetBody(backbone, return_names=["aux", "out"])
+        >>> {name: tuple(f.shape) for name, f in body(torch.randn(1, 3, 64, 64)).items()}
+        {'aux': (1, 256, 4, 4), 'out': (1, 512, 2, 2)}
     """
 
     __jit_unused_properties__ = ["return_names", "size_divisibility"]
@@ -109,6 +127,16 @@ class ResNetFPN(nn.Module):
 
     Outputs are named ``"0"``, ``"1"``, ... plus the extra block's levels (``"pool"``, or ``"p6"``, ``"p7"``),
     which is what torchvision's detection heads expect with their defaults.
+
+    Args:
+        backbone: the backbone; each of its ``out_features`` is one pyramid level.
+        out_channels: the channels of every level.
+        extra_blocks: torchvision's ``LastLevelMaxPool`` (default) or ``LastLevelP6P7``; ``output_shape()``
+            knows the levels of these two.
+        fpn_norm_layer: a norm for the FPN's convolutions, as torchvision's ``norm_layer`` (default: none).
+
+    Raises:
+        ValueError: another kind of ``extra_blocks``.
     """
 
     def __init__(
@@ -163,13 +191,34 @@ def resnet_fpn_backbone(
     norm_layer: str | None = None,
     **overrides: Any,
 ) -> ResNetFPN:
-    """torchvision's ``resnet_fpn_backbone`` on this project's backbone.
+    """torchvision's ``resnet_fpn_backbone`` on this project's backbone, with torchvision's defaults: frozen
+    norms and three trainable stages for pretrained weights, where fine-tuning small detection batches would
+    spoil the statistics; trainable BatchNorm everywhere for random weights.
 
-    ``backbone_or_preset_or_path``: a ``ResNetBackbone``, a preset name (random weights), or anything
-    ``from_pretrained`` accepts. ``trainable_layers`` counts from the last stage as in torchvision (0 to
-    ``len(stage_names)``; default: 3 when weights are loaded, else all). ``norm_layer`` defaults to
-    ``"frozen_batch"`` when weights are loaded and ``"batch"`` otherwise, as torchvision does.
-    ``overrides`` are config fields for a backbone built here.
+    Args:
+        backbone_or_preset_or_path: a ``ResNetBackbone`` (used as it is, with its weights), a preset name
+            (random weights), or anything ``from_pretrained`` accepts.
+        out_features: the stages that become pyramid levels.
+        trainable_layers: stages left trainable, counted from the last one as in torchvision (0 to
+            ``len(stage_names)``; default: 3 when weights are loaded, else all).
+        extra_blocks: as in :class:`ResNetFPN`.
+        out_channels: the channels of every level.
+        norm_layer: the backbone's norm (default: ``"frozen_batch"`` when weights are loaded, else ``"batch"``).
+        overrides: ``ResNetConfig`` fields for a backbone built here.
+
+    Returns:
+        The :class:`ResNetFPN`, with ``out_channels`` as torchvision's detectors read it.
+
+    Raises:
+        ValueError: an unknown source, field or stage, ``trainable_layers`` out of range, or ``norm_layer`` /
+            ``overrides`` with an already built backbone.
+
+    Example::
+
+        >>> from resnet_backbone.adapters.torchvision import resnet_fpn_backbone
+        >>> fpn = resnet_fpn_backbone("resnet18", depths=[1, 1, 1, 1], out_channels=32)
+        >>> fpn.output_shape()
+        {'0': (32, 4), '1': (32, 8), '2': (32, 16), '3': (32, 32), 'pool': (32, 64)}
     """
     backbone, has_weights = _resolve_backbone(backbone_or_preset_or_path, list(out_features), norm_layer, overrides)
     _set_trainable_layers(backbone, trainable_layers, has_weights)
@@ -272,9 +321,24 @@ def build_detector(
     **torchvision_model_kwargs: Any,
 ) -> nn.Module:
     """torchvision's ``<kind>_resnet50_fpn`` on this backbone: the same feature levels, extra FPN blocks,
-    heads and defaults (``num_classes`` 91, or 2 for keypointrcnn). ``kind``: fasterrcnn, maskrcnn,
-    keypointrcnn, retinanet or fcos; ``out_features`` replaces torchvision's levels; other keyword
-    arguments go to torchvision's model class."""
+    heads and defaults, so torchvision's COCO weights load into it (:func:`load_torchvision_weights`).
+    Anchors and RoI poolers follow the levels, so other ``out_features`` get matching ones.
+
+    Args:
+        kind: ``"fasterrcnn"``, ``"maskrcnn"``, ``"keypointrcnn"``, ``"retinanet"`` or ``"fcos"``.
+        backbone: as ``resnet_fpn_backbone``'s ``backbone_or_preset_or_path``.
+        num_classes: default 91 (COCO with background), or 2 for keypointrcnn.
+        trainable_layers: as in :func:`resnet_fpn_backbone`.
+        out_features: the backbone's levels instead of torchvision's.
+        torchvision_model_kwargs: passed to torchvision's model class (``min_size``, ``box_score_thresh``, ...).
+
+    Returns:
+        torchvision's detector (``FasterRCNN``, ``MaskRCNN``, ...), with a :class:`ResNetFPN` as its backbone.
+
+    Raises:
+        ValueError: an unknown ``kind`` (with a close match), or a backbone argument ``resnet_fpn_backbone``
+            refuses.
+    """
     defaults = _choice(kind, DETECTORS, "detector")
     extra_blocks = LastLevelMaxPool() if defaults.extra_blocks == "maxpool" else LastLevelP6P7(256, 256)
     levels = defaults.out_features if out_features is None else tuple(out_features)
@@ -307,7 +371,31 @@ def build_segmenter(
     aux_loss: bool = False,
 ) -> nn.Module:
     """torchvision's ``<kind>_resnet50`` on this backbone at ``output_stride=8`` (dilated last two stages),
-    with BatchNorm and every stage trainable, as torchvision builds them. ``kind``: deeplabv3 or fcn."""
+    with BatchNorm and every stage trainable, as torchvision builds them.
+
+    Args:
+        kind: ``"deeplabv3"`` or ``"fcn"``.
+        backbone: a preset name or anything ``from_pretrained`` accepts (built at output stride 8), or a
+            ``ResNetBackbone`` (used as it is built).
+        num_classes: the classes of the head (21: Pascal VOC, as torchvision).
+        aux_loss: add torchvision's auxiliary FCN head on ``stage3``.
+
+    Returns:
+        torchvision's ``DeepLabV3`` or ``FCN``, with a :class:`ResNetBody` as its backbone.
+
+    Raises:
+        ValueError: an unknown ``kind`` (with a close match) or source.
+
+    Example::
+
+        >>> import torch
+        >>> from resnet_backbone import ResNetBackbone
+        >>> from resnet_backbone.adapters.torchvision import build_segmenter
+        >>> backbone = ResNetBackbone.from_preset("resnet18", depths=[1, 1, 1, 1], output_stride=8)
+        >>> segmenter = build_segmenter("fcn", backbone, num_classes=3).eval()
+        >>> tuple(segmenter(torch.randn(1, 3, 64, 64))["out"].shape)
+        (1, 3, 64, 64)
+    """
     model_class, head_class = _choice(kind, SEGMENTERS, "segmenter")
     out_features = ["stage3", "stage4"] if aux_loss else ["stage4"]
     if isinstance(backbone, ResNetBackbone):
@@ -321,7 +409,15 @@ def build_segmenter(
 
 
 def detection_loss(model: nn.Module, batch: tuple[list[Tensor], list[dict[str, Tensor]]]) -> Tensor:
-    """The training loss of a torchvision detector on ``(images, targets)``: the sum of its loss terms."""
+    """The training loss of a torchvision detector: the sum of its loss terms.
+
+    Args:
+        model: a detector in training mode.
+        batch: ``(images, targets)`` as torchvision's detectors take them.
+
+    Returns:
+        The scalar loss.
+    """
     images, targets = batch
     return sum(model(images, targets).values())
 
@@ -368,8 +464,21 @@ def load_torchvision_weights(
 
     The ResNet keys are converted, everything else (FPN, heads) is torchvision's own; then the weights
     package's strict loading applies, as for a backbone checkpoint: every key must find its place with the
-    right shape, else :class:`CheckpointMismatchError` lists the problems and nothing is loaded. The
-    report is returned and kept as ``model.load_report``.
+    right shape, else :class:`CheckpointMismatchError` lists the problems and nothing is loaded.
+
+    Args:
+        model: a model from :func:`build_detector` or :func:`build_segmenter`, of the same kind, backbone
+            architecture and ``num_classes`` as the weights.
+        state_dict_or_model: torchvision's model (e.g. ``fasterrcnn_resnet50_fpn(weights="DEFAULT")``) or its
+            state dict.
+        strict: all or nothing (``False``: load what fits and report the rest).
+
+    Returns:
+        The load report, also kept as ``model.load_report``.
+
+    Raises:
+        ValueError: ``model`` has no :class:`ResNetBody`.
+        CheckpointMismatchError: strict, and some key is missing, unexpected or mis-shaped.
     """
     state_dict = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
     body_path = next((name for name, module in model.named_modules() if isinstance(module, ResNetBody)), None)

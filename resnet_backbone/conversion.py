@@ -36,7 +36,14 @@ NAMED_SOURCES = {
 
 @dataclass(frozen=True)
 class Conversion:
-    """What ``convert_checkpoint`` wrote, and how far the two libraries' outputs are apart."""
+    """What ``convert_checkpoint`` wrote, and how far the two libraries' outputs are apart.
+
+    Attributes:
+        source_format, target_format: one of ``FORMATS`` each (the source's as detected, for ``"auto"``).
+        destination: the folder or file written.
+        architecture: the architecture's name (see :func:`~resnet_backbone.weights.describe`).
+        max_abs_diff: the largest difference between the two libraries' outputs on one random input.
+    """
 
     source_format: str
     target_format: str
@@ -87,8 +94,16 @@ def convert_checkpoint(
 
 
 def check_source_kind(source: str, source_format: str, *, option: str = "source_format") -> None:
-    """Refuse a folder for a format whose weights come as a name or a file, before any work. ``option`` is
-    how the caller spells the format's option in the message (the command line's is ``--from``)."""
+    """Refuse a folder for a format whose weights come as a name or a file, before any work.
+
+    Args:
+        source: what the user named.
+        source_format: the format they gave for it.
+        option: how the caller spells the format's option in the message (the command line's is ``--from``).
+
+    Raises:
+        ValueError: ``source`` is a folder and ``source_format`` is torchvision or timm.
+    """
     if source_format in NAMED_SOURCES and Path(source).is_dir():
         raise ValueError(
             f"{option} {source_format} takes {NAMED_SOURCES[source_format]} or a checkpoint file, got {source}, a "
@@ -97,7 +112,18 @@ def check_source_kind(source: str, source_format: str, *, option: str = "source_
 
 
 def detect_format(source: str) -> str:
-    """Which library ``source`` comes from: by what it is, then by its keys."""
+    """Which library ``source`` comes from: by what it is, then by its keys.
+
+    Args:
+        source: a folder (``"hf"``), a checkpoint file (by its keys), a torchvision weights name, a timm model
+            name, or else a Hub id (``"hf"``).
+
+    Returns:
+        One of ``FORMATS``.
+
+    Raises:
+        ValueError: a file that is no readable checkpoint, or whose keys are in no known layout.
+    """
     path = Path(source)
     if path.is_dir():
         return "hf"

@@ -26,6 +26,14 @@ def dynamic_shapes(model: nn.Module, max_side: int = 4096, max_batch: int = 1024
     computes) up to ``max_side``.
 
     The example ``pixel_values`` needs a batch of 2 or more: torch.export specialises sizes 0 and 1.
+
+    Args:
+        model: a ``ResNetBackbone``, or a neck on one with ``size_divisibility`` (the torchvision adapter's FPN).
+        max_side: the largest height and width the program accepts.
+        max_batch: the largest batch.
+
+    Returns:
+        ``{"pixel_values": {dimension: Dim}}``.
     """
     divisor = model.size_divisibility
     height = Dim("height_blocks", min=1, max=max_side // divisor)
@@ -34,7 +42,11 @@ def dynamic_shapes(model: nn.Module, max_side: int = 4096, max_batch: int = 1024
 
 
 class FeatureMaps(nn.Module):
-    """A model's feature maps as a flat tuple, in order: the form ONNX outputs take."""
+    """A model's feature maps as a flat tuple, in order: the form ONNX outputs take.
+
+    Args:
+        model: a backbone (returning ``BackboneOutput``) or a neck (returning a dict of levels).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -46,7 +58,14 @@ class FeatureMaps(nn.Module):
 
 
 def output_names(model: nn.Module) -> list[str]:
-    """ONNX output names: the backbone's ``out_features``, or the FPN's level names."""
+    """ONNX output names, one per feature map.
+
+    Args:
+        model: a ``ResNetBackbone``, or a neck that reports its levels by ``output_shape()``.
+
+    Returns:
+        The backbone's ``out_features``, or the neck's level names.
+    """
     if isinstance(model, ResNetBackbone):
         return list(model.out_features)
     return list(model.output_shape())
@@ -61,14 +80,25 @@ EXTERNAL_DATA_THRESHOLD = 3 * 2**29  # 1.5 GiB
 
 
 def supported_opsets() -> range:
-    """The ONNX opset versions ``export_onnx`` writes exactly as asked."""
+    """The ONNX opset versions ``export_onnx`` writes exactly as asked (needs the ``onnx`` extra).
+
+    Returns:
+        From ``LOWEST_OPSET`` to the newest the installed onnx knows.
+    """
     import onnx
 
     return range(LOWEST_OPSET, onnx.defs.onnx_opset_version() + 1)
 
 
 def check_opset(opset: int | None) -> None:
-    """Refuse, before any work, an opset ``export_onnx`` cannot write (``None``: the exporter's default)."""
+    """Refuse, before any work, an opset ``export_onnx`` cannot write.
+
+    Args:
+        opset: the version asked for; ``None`` (the exporter's default) always passes.
+
+    Raises:
+        ValueError: ``opset`` is not one of :func:`supported_opsets`, which the message lists.
+    """
     supported = supported_opsets()
     if opset is not None and opset not in supported:
         raise ValueError(
@@ -79,7 +109,14 @@ def check_opset(opset: int | None) -> None:
 
 
 def external_data_path(path: str | os.PathLike) -> Path:
-    """Where ``export_onnx`` puts the weights of a model too large to embed: ``model.onnx`` -> ``model.onnx.data``."""
+    """Where ``export_onnx`` puts the weights of a model too large to embed.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The data file beside it: ``model.onnx`` -> ``model.onnx.data``.
+    """
     path = Path(path)
     return path.with_name(f"{path.name}.data")
 
@@ -109,6 +146,11 @@ def export_onnx(
 
     Returns:
         ``path``.
+
+    Raises:
+        ValueError: an unsupported ``opset``, ``out_features`` for a neck, or a source that is none of those
+            ``from_pretrained`` takes.
+        OSError: ``path``'s folder cannot be written.
     """
     check_opset(opset)
     if not isinstance(model, nn.Module):
@@ -159,8 +201,16 @@ def _save_checked(program: torch.onnx.ONNXProgram, path: Path, opset: int | None
 
 
 def onnx_max_abs_diff(path: str | os.PathLike, model: nn.Module, sizes: list[tuple[int, int, int]]) -> float:
-    """The largest difference between onnxruntime's and PyTorch's outputs over inputs of ``sizes``
-    (batch, height, width)."""
+    """The largest difference between onnxruntime's and PyTorch's outputs (needs the ``onnx`` extra).
+
+    Args:
+        path: the ONNX file written from ``model``.
+        model: the PyTorch model.
+        sizes: ``(batch, height, width)`` of each random input to compare on.
+
+    Returns:
+        The largest absolute difference over every output of every input.
+    """
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
