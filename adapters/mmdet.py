@@ -55,21 +55,55 @@ _UNSUPPORTED = {
 class RBResNet(nn.Module):
     """mmdet's ``ResNet`` (and ``ResNetV1d``, ``ResNeXt``, mmseg's ``ResNetV1c``) on this project's trunk.
 
-    Arguments keep mmdet's meaning and defaults: ``out_indices`` count the stages from 0; ``frozen_stages``
-    -1 freezes nothing, 0 the stem, k the stem and stages 1..k; ``norm_cfg`` is BN, SyncBN or GN (32 groups),
-    its ``requires_grad=False`` freezes the norms' affine parameters; ``norm_eval`` keeps every norm in eval
-    mode while training; ``with_cp`` is gradient checkpointing; ``init_cfg=dict(type="Pretrained",
-    checkpoint=...)`` (or ``pretrained=``) loads a checkpoint in :meth:`init_weights`. ``strides`` and
-    ``dilations`` may trade the stride of the last stages for dilation, as mmdet's and mmseg's dilated
-    configs do; ``contract_dilation`` is mmseg's (the first block of a dilated stage keeps half its dilation).
+    Arguments keep mmdet's meaning and defaults, so a config written for mmdet's ``ResNet`` builds the same
+    network with ``type="RBResNet"``. Options RBResNet does not implement (``dcn``, ``stage_with_dcn``,
+    ``plugins``, ``conv_cfg``, mmseg's ``multi_grid``) are refused with an error unless left at their defaults,
+    never ignored.
 
-    Beyond mmdet: ``preset`` (any of this project's presets, instead of ``depth``) and ``output_stride``
-    (8, 16 or 32, instead of ``strides``/``dilations``). Options that RBResNet does not implement (``dcn``,
-    ``plugins``, ``conv_cfg``, ``style="caffe"``, ...) are refused with an error, never ignored.
+    Args:
+        depth: 18, 34, 50, 101 or 152 (or give ``preset``).
+        in_channels: input channels.
+        stem_channels: the stem's output channels (default ``base_channels``).
+        base_channels: the first stage's width (its bottleneck's inner width), as mmdet.
+        num_stages: 1 to 4 stages built.
+        strides, dilations: per stage; they may trade the stride of the last stages for dilation, as mmdet's
+            and mmseg's dilated configs do.
+        out_indices: the stages returned, counted from 0.
+        style: ``"pytorch"`` only (the stride in the 3x3 conv); ``"caffe"`` is refused.
+        deep_stem, avg_down: ResNetV1c/V1d (three 3x3 stem convs; average-pool shortcuts).
+        frozen_stages: -1 freezes nothing, 0 the stem, k the stem and stages 1..k.
+        norm_cfg: ``dict(type=...)``, BN, SyncBN or GN (``num_groups=32``); ``requires_grad=False`` freezes the
+            norms' affine parameters.
+        norm_eval: keep every norm in eval mode while training.
+        with_cp: gradient checkpointing.
+        zero_init_residual: zero the last norm of each block.
+        groups, base_width: ResNeXt's cardinality and width per group.
+        contract_dilation: mmseg's: the first block of a dilated stage keeps half its dilation.
+        preset: beyond mmdet: any of this project's presets, instead of ``depth``.
+        output_stride: beyond mmdet: 8, 16 or 32, instead of ``strides`` / ``dilations``.
+        pretrained: a checkpoint to load in :meth:`init_weights` (mmdet's older spelling of ``init_cfg``).
+        init_cfg: ``dict(type="Pretrained", checkpoint=..., prefix=...)``: any checkpoint the weights package
+            reads (mmdet's, torchvision's, timm's, this project's), a URL through mmengine's loader, a folder or
+            a Hub id.
+        other_options: mmdet's options listed above, accepted only at their defaults.
+
+    Raises:
+        TypeError: an argument mmdet's ResNet does not take (with a close match).
+        ValueError: an option RBResNet does not implement, or a value mmdet would refuse.
 
     ``forward(x)`` returns the tuple of the ``out_indices`` feature maps. After :meth:`init_weights` loaded a
     checkpoint, ``load_report`` says what matched. ``trunk`` is the network that runs (this project's names);
     replace modules through RBResNet's (mmdet's) names, which reach the trunk, not the other way round.
+
+    Example::
+
+        >>> import torch
+        >>> from resnet_backbone.adapters.mmdet import RBResNet
+        >>> backbone = RBResNet(depth=18, base_channels=8, out_indices=(1, 3), frozen_stages=1)
+        >>> backbone.channels, backbone.strides
+        ([16, 64], [8, 32])
+        >>> [tuple(f.shape) for f in backbone(torch.randn(1, 3, 64, 64))]
+        [(1, 16, 8, 8), (1, 64, 2, 2)]
     """
 
     def __init__(

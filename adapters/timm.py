@@ -38,6 +38,14 @@ class TimmResNet(ResNetTrunk):
 
     ``feature_info`` lists the stem's activation before the max-pool (reduction 2, as timm's ResNets) and
     then each stage, with channels and reductions from the stage specs.
+
+    Example::
+
+        >>> import timm
+        >>> import resnet_backbone.adapters.timm  # registers the rb_ models
+        >>> features = timm.create_model("rb_resnet18", depths=[1, 1, 1, 1], features_only=True, out_indices=(1, 4))
+        >>> features.feature_info.channels(), features.feature_info.reduction()
+        ([64, 512], [4, 32])
     """
 
     def __init__(
@@ -48,8 +56,16 @@ class TimmResNet(ResNetTrunk):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
-        """``num_classes`` defaults to ``config.num_labels``, so the inherited ``from_pretrained`` and
-        ``from_timm`` build the checkpoint's head."""
+        """Build through timm (``timm.create_model("rb_<preset>", ...)``) rather than directly: timm's builder
+        adds pretrained loading, ``in_chans`` adaptation and ``features_only``.
+
+        Args:
+            config: the architecture.
+            num_classes: the head's classes (0: none); default ``config.num_labels``, so the inherited
+                ``from_pretrained`` and ``from_timm`` build the checkpoint's head.
+            global_pool: timm's pooling type (``"avg"``, ``"max"``, ``"avgmax"``, ``""`` for none).
+            drop_rate: dropout before the classifier.
+        """
         super().__init__(config)
         # timm's features: the stem before its max-pool (as timm's ResNets), then each stage.
         module_names = ["embedder.embedder", *(f"encoder.stages.{index}" for index in range(self.num_built_stages))]
@@ -210,7 +226,20 @@ def _entrypoint(preset: str) -> Callable[..., nn.Module]:
         )
 
     create.__name__ = create.__qualname__ = f"rb_{preset}"
-    create.__doc__ = f"``ResNetConfig.from_preset({preset!r})`` as a timm model."
+    create.__doc__ = f"""``ResNetConfig.from_preset({preset!r})`` as a timm model; call it through
+    ``timm.create_model("rb_{preset}", ...)``.
+
+    Args:
+        pretrained: load ``pretrained_cfg_overlay=dict(file=...)``'s checkpoint (there is nothing to download).
+        kwargs: timm's (``num_classes``, ``in_chans``, ``features_only``, ``out_indices``, ``output_stride``,
+            ``global_pool``, ``drop_rate``, ...) and any ``ResNetConfig`` field.
+
+    Returns:
+        The :class:`TimmResNet`, or timm's feature wrapper of it with ``features_only=True``.
+
+    Raises:
+        ValueError: ``pretrained`` without a checkpoint, or a checkpoint of another architecture.
+    """
     return create
 
 

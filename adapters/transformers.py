@@ -66,7 +66,15 @@ class TransformersResNetConfig(BackboneConfigMixin, PreTrainedConfig, _ResNetCon
     ``pretrained_weights`` is where the backbone's weights come from (anything ``ResNetBackbone.from_pretrained``
     accepts): they are loaded whenever the backbone is built from this config, because transformers ignores
     ``use_pretrained_backbone``. A model restored by transformers' ``from_pretrained`` takes its own checkpoint's
-    weights instead (it builds on the meta device, where nothing is loaded).
+    weights instead (it builds on the meta device, where nothing is loaded). Build it with
+    :func:`backbone_config`, which checks the weights first.
+
+    Args:
+        pretrained_weights: where the weights come from (default: none, random weights).
+        kwargs: every ``ResNetConfig`` field and transformers' generic config arguments.
+
+    Raises:
+        ValueError: an invalid field, with ``ResNetConfig``'s message.
     """
 
     model_type = MODEL_TYPE
@@ -88,6 +96,15 @@ class TransformersResNetConfig(BackboneConfigMixin, PreTrainedConfig, _ResNetCon
     def from_resnet_config(
         cls, config: ResNetConfig, *, pretrained_weights: str | None = None
     ) -> TransformersResNetConfig:
+        """The transformers config of the same network.
+
+        Args:
+            config: this project's config.
+            pretrained_weights: as the class's.
+
+        Returns:
+            The config.
+        """
         fields = config.to_dict()
         for name in ("model_type", "stage_names", "num_labels"):
             fields.pop(name, None)
@@ -105,6 +122,13 @@ class TransformersResNetBackbone(BackboneMixin, PreTrainedModel):
     ``ResNetBackbone`` keys. Like transformers' backbone it builds every stage (the keys stay identical
     whatever ``out_features`` selects). The trunk itself is kept outside the module tree, to run the stages
     and keep its freezing and ``norm_eval`` through ``train()``.
+
+    Args:
+        config: the backbone config; its ``pretrained_weights`` are loaded unless transformers builds the
+            model on the meta device to fill it from its own checkpoint.
+
+    Raises:
+        ValueError: ``pretrained_weights`` cannot be loaded into this architecture.
     """
 
     config: TransformersResNetConfig
@@ -191,7 +215,28 @@ def backbone_config(
     A preset name or a ``ResNetConfig`` gives random weights; anything else is loaded with
     ``ResNetBackbone.from_pretrained`` (a directory, a weights file, a Hub repo id or a URL, of this project,
     transformers, torchvision or timm), here to check it, and again with the model, whose backbone then holds
-    these weights. ``overrides`` are ``ResNetConfig`` fields, e.g. ``out_features``, ``output_stride``.
+    these weights.
+
+    Args:
+        preset_or_config_or_path: a preset name, a ``ResNetConfig``, or anything ``from_pretrained`` accepts.
+        overrides: ``ResNetConfig`` fields, e.g. ``out_features``, ``output_stride``.
+
+    Returns:
+        The :class:`TransformersResNetConfig`, with ``pretrained_weights`` set for a checkpoint.
+
+    Raises:
+        ValueError: an unknown source (with a close preset name) or field, or weights that do not fit.
+
+    Example::
+
+        >>> from transformers import UperNetConfig, UperNetForSemanticSegmentation
+        >>> from resnet_backbone.adapters.transformers import backbone_config
+        >>> config = backbone_config("resnet18", depths=[1, 1, 1, 1], out_indices=[1, 2, 3, 4])
+        >>> model = UperNetForSemanticSegmentation(
+        ...     UperNetConfig(backbone_config=config, hidden_size=32, auxiliary_channels=16, num_labels=3)
+        ... )
+        >>> type(model.backbone).__name__
+        'TransformersResNetBackbone'
     """
     if isinstance(preset_or_config_or_path, ResNetConfig):
         return TransformersResNetConfig.from_resnet_config(preset_or_config_or_path.with_overrides(**overrides))
@@ -203,8 +248,18 @@ def backbone_config(
 
 
 def find_backbone(model: nn.Module) -> TransformersResNetBackbone:
-    """The backbone inside a transformers model built on ``backbone_config`` (DETR keeps it at
-    ``model.model.backbone.model``, UperNet at ``model.backbone``, ...)."""
+    """The backbone inside a transformers model built on ``backbone_config``, wherever the model keeps it
+    (DETR at ``model.model.backbone.model``, UperNet at ``model.backbone``, ...).
+
+    Args:
+        model: the transformers model.
+
+    Returns:
+        Its one :class:`TransformersResNetBackbone`.
+
+    Raises:
+        ValueError: the model holds none, or more than one.
+    """
     backbones = [module for module in model.modules() if isinstance(module, TransformersResNetBackbone)]
     if len(backbones) != 1:
         raise ValueError(
@@ -217,8 +272,19 @@ def find_backbone(model: nn.Module) -> TransformersResNetBackbone:
 def optimize_backbone_for_inference(model: nn.Module, **options: Any) -> TransformersResNetBackbone:
     """Apply ``optimize_for_inference`` (BatchNorm folding, channels_last, ``compile``; see its options) in
     place to the backbone of a transformers model, which keeps running in its own format: keep ``dtype`` at
-    float32 unless the whole model runs in that dtype. Returns the backbone; its state dict is no longer a
-    checkpoint (folded norms), so save before optimising."""
+    float32 unless the whole model runs in that dtype. Its state dict is no longer a checkpoint (folded norms),
+    so save before optimising.
+
+    Args:
+        model: a transformers model built on ``backbone_config``.
+        options: ``optimize_for_inference``'s keyword arguments (``dtype``, ``channels_last``, ``compile``).
+
+    Returns:
+        The backbone, optimised and in eval mode.
+
+    Raises:
+        ValueError: the model holds no such backbone, or an option is invalid.
+    """
     backbone = find_backbone(model)
     _adopt_frozen_norms(backbone)
     optimize_for_inference(backbone.trunk, inplace=True, **options)

@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Run the suite with the arguments after ``bench``."""
+    """Run the suite with the arguments after ``bench``.
+
+    Args:
+        args: ``arguments``: everything after ``bench``, parsed by the suite itself.
+    """
     from ..benchmarks import main as run_suite  # the peers it imports are the bench extra's
 
     run_suite(args.arguments, prog="resnet-backbone bench")

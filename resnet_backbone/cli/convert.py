@@ -22,7 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Refuse to replace an earlier result without ``--overwrite``, convert, and print the difference."""
+    """Refuse to replace an earlier result without ``--overwrite``, convert, and print the difference.
+
+    Args:
+        args: ``source``, ``destination``, ``source_format`` (``--from``), ``target_format`` (``--to``) and
+            ``overwrite``.
+
+    Raises:
+        ValueError, OSError: a source of the wrong kind or architecture, an earlier result without
+            ``--overwrite``, or an unreadable source or unwritable destination; ``resnet-backbone`` shows it as
+            one line and exits with 2.
+    """
     check_source_kind(args.source, args.source_format, option="--from")
     if args.target_format == "hf":
         directory = output_directory(args.destination)

@@ -29,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Run the demo with the options given; the others keep ``DemoOptions``' defaults."""
+    """Run the demo with the options given; the others keep ``DemoOptions``' defaults.
+
+    Args:
+        args: the fields of ``DemoOptions`` that the parser defines (``epochs``, ``preset``, ``weights``,
+            ``output_dir``, ...), read by name.
+
+    Raises:
+        ValueError, OSError: weights that do not load, or an output folder that cannot be written;
+            ``resnet-backbone`` shows it as one line and exits with 2.
+    """
     given = {field.name: getattr(args, field.name) for field in dataclasses.fields(DemoOptions) if field.name in args}
     run_demo(DemoOptions(**given))

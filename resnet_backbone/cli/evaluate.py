@@ -22,7 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Print the metrics of the model in ``args.model`` on ``args.data`` as one line, and return them."""
+    """Print the metrics of the model in ``args.model`` on ``args.data`` as one line, and return them.
+
+    Args:
+        args: ``model`` (a model folder that ``train`` wrote) and ``data`` (a COCO or mask folder).
+
+    Returns:
+        The metrics by name (mAP for a detector, mIoU for a segmenter).
+
+    Raises:
+        ValueError, OSError: a model folder that ``train`` did not write, or data of another task or with
+            unreadable files; ``resnet-backbone`` shows it as one line and exits with 2.
+    """
     model, spec = load_task_model(args.model)
     dataset = evaluation_data(spec, args.data)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -27,7 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Export, then print the outputs and onnxruntime's difference from PyTorch at two input sizes."""
+    """Export, then print the outputs and onnxruntime's difference from PyTorch at two input sizes.
+
+    Args:
+        args: ``model``, ``output``, ``out_features``, ``opset``, ``overwrite`` and ``fpn``.
+
+    Raises:
+        ValueError, OSError: an unknown model, an unsupported opset, an earlier file without ``--overwrite``, or
+            an unwritable output; ``resnet-backbone`` shows it as one line and exits with 2.
+    """
     refuse_existing([args.output, external_data_path(args.output)], args.overwrite)
     check_opset(args.opset)
     out_features = args.out_features or (["stage1", "stage2", "stage3", "stage4"] if args.fpn else None)

@@ -29,7 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Print the stage table of ``args.model`` for one image of ``args.input``."""
+    """Print the stage table of ``args.model`` for one image of ``args.input``.
+
+    Args:
+        args: ``model`` (a preset, a config.json or its folder), ``out_features`` and ``input`` (C, H, W).
+
+    Raises:
+        ValueError, OSError: an unknown model or stage, or an input whose channels the model does not take;
+            ``resnet-backbone`` shows it as one line and exits with 2.
+    """
     config = config_from_argument(args.model)
     if args.out_features:
         config = config.with_overrides(out_features=args.out_features)

@@ -99,7 +99,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> list[float]:
-    """Build the task's model and data from ``args`` and train; returns this process's losses."""
+    """Build the task's model and data from ``args`` and train.
+
+    Args:
+        args: every option of ``add_arguments``: the model (``task``, ``detector``, ``segmenter``, ``preset``,
+            ``weights``, ``out_features``, ``trainable_layers``, ``sync_bn``), the data (``data``,
+            ``val_data``, ``eval_every``, ``num_classes``, ``no_augment``, ``image_size``, ``train_images``),
+            the schedule (``steps``, ``batch_size``, ``lr``, ``precision``, ``compile``, ``seed``) and the run
+            folder (``output_dir``, ``checkpoint_every``, ``resume``, ``overwrite``, ``stop_at_step``).
+
+    Returns:
+        This process's loss at each step it ran.
+
+    Raises:
+        ValueError, OSError: bad data, weights that do not fit, or a run folder that holds another run (before
+            any step); ``resnet-backbone`` shows it as one line and exits with 2.
+    """
     with distributed_world() as world:
         if world.is_main:  # before the data is read, so a refusal is instant; checked again under the lock
             refuse_to_mix_runs(args.output_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
