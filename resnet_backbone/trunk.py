@@ -137,6 +137,12 @@ class ResNetPreTrainedModel(nn.Module):
         """Weights under timm's keys; timm's model loads them with ``strict=True``."""
         return peer_state_dict(self, "timm")
 
+    def to_detectron2_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the keys of detectron2's ``ResNet`` (``stem.conv1.*``, ``res2.0.conv1.norm.*``); its
+        ``build_resnet_backbone`` loads them with ``strict=True`` (its ``STRIDE_IN_1X1`` must equal
+        ``downsample_in_bottleneck``)."""
+        return peer_state_dict(self, "detectron2")
+
 
 class StageOutput(NamedTuple):
     """One feature point of the trunk's forward: its name, stride and channels (from the stage specs) and

@@ -1,4 +1,4 @@
-"""Reading, writing and converting checkpoints of transformers, torchvision, timm and mmdet."""
+"""Reading, writing and converting checkpoints of transformers, torchvision, timm, mmdet and detectron2."""
 
 from .architecture import describe, infer_config, peer_layout_of, same_architecture
 from .export import export_problems, peer_state_dict
