@@ -1,8 +1,10 @@
-"""Convert a checkpoint between transformers', torchvision's and timm's layouts, and prove it.
+"""Convert a checkpoint between transformers', torchvision's and timm's layouts (or to detectron2's), and prove it.
 
 After writing, both sides run in their own library on the same random input: the source weights in the
-source library's model, the written file in the destination library's model. torchvision, timm and
-transformers are imported by the functions that build their models, never when this module loads.
+source library's model, the written file in the destination library's model (for detectron2, which is not
+on the package registry, this project's model reads the written file back through its detectron2 key table).
+torchvision, timm and transformers are imported by the functions that build their models, never when this
+module loads.
 
 It sits above the models (it builds them) and beside the weights package, which the models use: inside
 that package it would make an import cycle.
@@ -24,9 +26,11 @@ from .weights.architecture import describe
 from .weights.export import export_problems
 from .weights.files import CONFIG_NAME, WEIGHTS_NAMES, locate_checkpoint, read_state_dict, write_state_dict_file
 from .weights.layouts import detect_layout, strip_known_prefixes
+from .weights.loading import load_checkpoint
 from .weights.sources import timm_checkpoint, torchvision_checkpoint
 
 FORMATS = ("hf", "torchvision", "timm")
+TARGET_FORMATS = (*FORMATS, "detectron2")
 # What each library names its weights by, besides a file.
 NAMED_SOURCES = {
     "torchvision": "a torchvision weights name (e.g. ResNet50_Weights.IMAGENET1K_V2)",
@@ -61,7 +65,7 @@ def convert_checkpoint(
         source: a file, a folder, a Hub id, a torchvision weights name or a timm model name.
         destination: a folder for ``"hf"`` (``config.json`` and ``model.safetensors``), a file otherwise.
         source_format: ``"auto"`` (see ``detect_format``) or one of ``FORMATS``.
-        target_format: one of ``FORMATS``.
+        target_format: one of ``TARGET_FORMATS``.
 
     Returns:
         The formats, the destination, the architecture's name and the largest difference between the source
@@ -71,8 +75,8 @@ def convert_checkpoint(
         ValueError: an unknown format, a source of the wrong kind for ``source_format``, or an architecture
             the target library cannot represent (nothing is written then).
     """
-    if target_format not in FORMATS:
-        raise ValueError(f"target_format must be one of {FORMATS}, got {target_format!r}.")
+    if target_format not in TARGET_FORMATS:
+        raise ValueError(f"target_format must be one of {TARGET_FORMATS}, got {target_format!r}.")
     source_format = detect_format(source) if source_format == "auto" else source_format
     model = _load(source, source_format)
     destination = Path(destination)
@@ -131,6 +135,12 @@ def detect_format(source: str) -> str:
         layout = detect_layout(list(strip_known_prefixes(read_state_dict(path))))
         if layout is None:
             return "hf"
+        if layout.naming == "detectron2":
+            raise ValueError(
+                f"{path} holds detectron2 keys (stem.conv1.*, res2.*): convert reads {', '.join(FORMATS)} checkpoints "
+                "and writes detectron2's. Load it with ResNetModel.from_pretrained(path, downsample_in_bottleneck=...) "
+                "(True for detectron2's STRIDE_IN_1X1 weights) instead."
+            )
         return "torchvision" if layout.stem_type == "default" and not layout.avg_down else "timm"
     if "_Weights." in source:
         return "torchvision"
@@ -176,6 +186,10 @@ def _peer_model(library: str, model: nn.Module, weights: str | Path) -> _Outputs
     has_classifier = isinstance(model, ResNetForImageClassification)
     if library == "hf":
         return _Outputs(_transformers_model(model, weights))
+    if library == "detectron2":
+        peer = type(model)(config)
+        load_checkpoint(peer, read_state_dict(weights), strict=True)
+        return _Outputs(peer)
     preset = describe(config)
     if preset not in PRESETS:  # an architecture the peer has no builder for: compare with ourselves
         return _Outputs(model)

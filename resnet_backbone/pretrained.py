@@ -237,3 +237,17 @@ class ResNetPreTrainedModel(nn.Module):
             ValueError: timm has no such architecture, or the model was optimised for inference.
         """
         return peer_state_dict(self, "timm")
+
+    def to_detectron2_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the keys of detectron2's ``ResNet`` (``stem.conv1.*``, ``res2.0.conv1.norm.*``); its
+        ``build_resnet_backbone`` loads them with ``strict=True`` (its ``STRIDE_IN_1X1`` must equal
+        ``downsample_in_bottleneck``).
+
+        Returns:
+            ``{detectron2 key: tensor}``.
+
+        Raises:
+            ValueError: detectron2 has no such architecture (a deep stem, say), or the model was optimised for
+                inference.
+        """
+        return peer_state_dict(self, "detectron2")

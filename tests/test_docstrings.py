@@ -25,8 +25,6 @@ import pytest
 
 CORE_MODULES = ("resnet_backbone", "resnet_backbone.weights")
 DEFINING_MODULES = ("resnet_backbone.export", "resnet_backbone.distributed", "resnet_backbone.conversion")
-# Objects whose docstrings are still one-liners; strict, so the test fails once they gain Args: (then drop this).
-PENDING_MODULES = ("resnet_backbone.weights.layouts",)
 SECTION = re.compile(r"^\s*(Args|Returns|Raises|Example|Examples|Yields|Attributes|Note)::?\s*$", re.MULTILINE)
 
 
@@ -144,19 +142,10 @@ def _missing_sections(qualname: str, value: Callable) -> list[str]:
 
 @pytest.mark.parametrize("group", _groups())
 def test_each_entry_point_says_what_it_takes_and_returns(group):
-    problems, pending = [], {}
-    for qualname, value in _entry_points_of(group):
-        missing = _missing_sections(qualname, value)
-        defined_in = getattr(value, "__module__", "")
-        if defined_in in PENDING_MODULES:
-            pending.setdefault(defined_in, []).extend(missing)
-        else:
-            problems.extend(missing)
+    problems = [
+        problem for qualname, value in _entry_points_of(group) for problem in _missing_sections(qualname, value)
+    ]
     assert not problems, "Google-style sections missing:\n" + "\n".join(problems)
-    complete = [module for module, missing in pending.items() if not missing]
-    assert not complete, f"{complete} now have their sections: drop them from PENDING_MODULES"
-    if pending:
-        pytest.xfail("; ".join(problem for missing in pending.values() for problem in missing))
 
 
 @pytest.mark.parametrize("group", _groups())

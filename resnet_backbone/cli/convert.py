@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..conversion import FORMATS, check_source_kind, convert_checkpoint
+from ..conversion import FORMATS, TARGET_FORMATS, check_source_kind, convert_checkpoint
 from ..weights.files import CONFIG_NAME, WEIGHTS_NAMES
 from .arguments import output_directory, output_file, refuse_existing
 
-HELP = "convert a checkpoint between transformers, torchvision and timm"
+HELP = "convert a checkpoint between transformers, torchvision and timm, or to detectron2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("source", metavar="SRC", help="file, directory, Hub repo id, torchvision weights or timm name")
     parser.add_argument("destination", metavar="DST", help="a directory for --to hf, a file otherwise")
     parser.add_argument("--from", dest="source_format", choices=("auto", *FORMATS), default="auto")
-    parser.add_argument("--to", dest="target_format", choices=FORMATS, default="hf")
+    parser.add_argument("--to", dest="target_format", choices=TARGET_FORMATS, default="hf")
     parser.add_argument("--overwrite", action="store_true", help="replace DST's checkpoint if it holds one")
     return parser
 

@@ -1,5 +1,5 @@
-"""Reading, writing and converting checkpoints of transformers, torchvision, timm and mmdet, and saying what a
-source named by text is (:func:`resolve_source`)."""
+"""Reading, writing and converting checkpoints of transformers, torchvision, timm, mmdet and
+detectron2, and saying what a source named by text is (:func:`resolve_source`)."""
 
 from .architecture import describe, infer_config, peer_layout_of, same_architecture
 from .export import export_problems, peer_state_dict

@@ -1,12 +1,15 @@
-"""State-dict layouts: transformers' (this project's own) and torchvision's / timm's / mmdet's, as one key table.
+"""State-dict layouts: transformers' (this project's own) and torchvision's / timm's / mmdet's / detectron2's, as
+one key table.
 
 Keys are translated module path by module path (the parameter name after the last dot never changes).
 The tables below are the whole mapping, used in both directions. Placeholders: ``{stage}``, ``{block}``
-and ``{conv}`` count from 0; ``{stage1}`` and ``{conv1}`` are the same numbers counted from 1; ``{norm}``
-is the layout's norm name (``bn``, or ``gn`` for mmdet's GroupNorm layers).
+and ``{conv}`` count from 0; ``{stage1}`` and ``{conv1}`` are the same numbers counted from 1 (``{stage2}``
+from 2); ``{norm}`` is the layout's norm name (``bn``, or ``gn`` for mmdet's GroupNorm layers).
 
 mmdet's and mmseg's ResNet keys are torchvision's, except their deep stem (``stem.N``) and that they name
-GroupNorm layers ``gn1``, ``gn2``, ... (mmcv's ``build_norm_layer``).
+GroupNorm layers ``gn1``, ``gn2``, ... (mmcv's ``build_norm_layer``). detectron2's ResNet names its stages
+``res2``..``res5`` and nests each norm in its convolution (``res2.0.conv1.norm``); it has no deep stem and no
+average-pool shortcut.
 
 The canonical form used internally is transformers' ``ResNetModel`` layout plus ``classifier.1.*``.
 """
@@ -21,7 +24,7 @@ from functools import cache
 import torch
 
 # Prefixes that wrappers add (DataParallel, detection frameworks, transformers' classifier).
-KNOWN_PREFIXES = ("module.", "backbone.body.", "backbone.", "model.", "resnet.")
+KNOWN_PREFIXES = ("module.", "backbone.body.", "backbone.bottom_up.", "backbone.", "model.", "resnet.")
 # Checkpoint files often nest the state dict under one of these keys.
 CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
@@ -60,17 +63,32 @@ _SHORTCUT_RULES = {
     for avg_down in (False, True)
 }
 _CLASSIFIER_RULES = [("classifier.1", "fc")]
+_DETECTRON2_BLOCK = "res{stage2}.{block}"
+_DETECTRON2_RULES = [
+    ("embedder.embedder.convolution", "stem.conv1"),
+    ("embedder.embedder.normalization", "stem.conv1.norm"),
+    (f"{_BLOCK}.layer.{{conv}}.convolution", f"{_DETECTRON2_BLOCK}.conv{{conv1}}"),
+    (f"{_BLOCK}.layer.{{conv}}.normalization", f"{_DETECTRON2_BLOCK}.conv{{conv1}}.norm"),
+    (f"{_BLOCK}.shortcut.convolution", f"{_DETECTRON2_BLOCK}.shortcut"),
+    (f"{_BLOCK}.shortcut.normalization", f"{_DETECTRON2_BLOCK}.shortcut.norm"),
+    ("classifier.1", "linear"),  # detectron2's ResNet(num_classes=...)
+]
+_PLACEHOLDER = re.compile(r"([a-z]+)(\d?)")
 
 
-NAMINGS = ("torchvision", "mmdet")
+NAMINGS = ("torchvision", "mmdet", "detectron2")
 
 
 @dataclass(frozen=True)
 class PeerLayout:
-    """Which torchvision/timm/mmdet key variant a checkpoint uses; torchvision's is the default one.
+    """Which torchvision/timm/mmdet/detectron2 key variant a checkpoint uses; torchvision's is the default one.
 
-    ``naming``: ``"torchvision"`` (torchvision's and timm's names) or ``"mmdet"`` (mmdet's and mmseg's).
-    ``norm_name``: what the norm layers are called before their number (``"gn"`` for mmdet's GroupNorm).
+    Attributes:
+        stem_type: as ``ResNetConfig``'s (timm's ResNet-D keys differ in the stem).
+        avg_down: as ``ResNetConfig``'s (and in the shortcuts).
+        naming: ``"torchvision"`` (torchvision's and timm's names), ``"mmdet"`` (mmdet's and mmseg's) or
+            ``"detectron2"`` (only with the default stem and no ``avg_down``).
+        norm_name: what the norm layers are called before their number (``"gn"`` for mmdet's GroupNorm).
     """
 
     stem_type: str = "default"
@@ -80,7 +98,14 @@ class PeerLayout:
 
 
 def peer_rules(layout: PeerLayout) -> list[tuple[str, str]]:
-    """(canonical module path, torchvision/timm/mmdet module path) templates for a layout."""
+    """(canonical module path, torchvision/timm/mmdet/detectron2 module path) templates for a layout."""
+    if layout.naming == "detectron2":
+        if layout.stem_type != "default" or layout.avg_down:
+            raise ValueError(
+                "detectron2's ResNet has neither a deep stem nor average-pool shortcuts (ResNet-C/D): got "
+                f"stem_type={layout.stem_type!r}, avg_down={layout.avg_down}."
+            )
+        return list(_DETECTRON2_RULES)
     rules = [
         *_STEM_RULES[layout.naming, layout.stem_type],
         *_BLOCK_RULES,
@@ -123,9 +148,12 @@ def strip_prefixes(key: str) -> str:
 
 
 def detect_layout(keys: list[str]) -> PeerLayout | None:
-    """``None`` for transformers' layout, else the torchvision/timm/mmdet variant; unknown keys are an error."""
+    """``None`` for transformers' layout, else the torchvision/timm/mmdet/detectron2 variant; unknown keys are an
+    error."""
     if any(key.startswith(("embedder.", "encoder.")) for key in keys):
         return None
+    if any(key.startswith(("stem.conv1.", "res2.")) for key in keys):
+        return PeerLayout(naming="detectron2")
     if any(key.startswith(("conv1.", "layer1.", "stem.")) for key in keys):
         mmdet_stem = "stem.0.weight" in keys
         group_norm = any(re.match(r"(layer\d+\.\d+\.)?gn1\.", key) for key in keys)
@@ -137,8 +165,9 @@ def detect_layout(keys: list[str]) -> PeerLayout | None:
         )
     sample = ", ".join(keys[:5])
     raise ValueError(
-        "Unrecognised checkpoint layout: expected transformers keys (embedder.*, encoder.*) or torchvision/timm/"
-        f"mmdet keys (conv1.*, stem.*, layer1.*), got {len(keys)} keys starting with: {sample or '(none)'}."
+        "Unrecognised checkpoint layout: expected transformers keys (embedder.*, encoder.*), torchvision/timm/"
+        f"mmdet keys (conv1.*, stem.*, layer1.*) or detectron2 keys (stem.conv1.*, res2.*), got {len(keys)} keys "
+        f"starting with: {sample or '(none)'}."
     )
 
 
@@ -147,8 +176,16 @@ def to_canonical(
 ) -> tuple[dict[str, torch.Tensor], PeerLayout | None]:
     """Any supported layout -> canonical keys, and the peer layout it came from (``None``: transformers).
 
-    ``layout``: the peer layout the keys are known to be in (else it is read off the keys); keys that no
-    rule of it matches come back unchanged.
+    Args:
+        state_dict: the tensors, under any wrapper prefix, possibly in a ``{"state_dict": ...}``-style container.
+        layout: the peer layout the keys are known to be in (default: read off the keys); keys that no rule of
+            it matches come back unchanged.
+
+    Returns:
+        (the state dict under canonical keys, the layout it came from; ``None`` for transformers').
+
+    Raises:
+        ValueError: a container that holds no state dict.
     """
     state_dict = strip_known_prefixes(extract_state_dict(state_dict, source="The checkpoint"))
     layout = detect_layout(list(state_dict)) if layout is None else layout
@@ -159,7 +196,18 @@ def to_canonical(
 
 
 def from_canonical(state_dict: Mapping[str, torch.Tensor], layout: PeerLayout) -> dict[str, torch.Tensor]:
-    """Canonical keys -> torchvision/timm/mmdet keys of ``layout``; every key must translate."""
+    """Canonical keys -> torchvision/timm/mmdet/detectron2 keys of ``layout``; every key must translate.
+
+    Args:
+        state_dict: tensors under canonical (transformers') keys.
+        layout: the peer layout to write (e.g. from ``peer_layout_of``).
+
+    Returns:
+        The tensors under ``layout``'s keys.
+
+    Raises:
+        ValueError: a key the layout has no equivalent for.
+    """
     rules = peer_rules(layout)
     peer_state_dict = {}
     for key, value in state_dict.items():
@@ -176,10 +224,22 @@ def translate_key(key: str, rules: list[tuple[str, str]]) -> str:
     for source, target in rules:
         match = _template_regex(source).fullmatch(module_path)
         if match:
-            numbers = {name.rstrip("1"): int(value) - name.endswith("1") for name, value in match.groupdict().items()}
-            numbers.update({f"{name}1": value + 1 for name, value in list(numbers.items())})
-            return f"{target.format(**numbers)}.{parameter}"
+            numbers = _Numbers()
+            for name, value in match.groupdict().items():
+                base, start = _PLACEHOLDER.fullmatch(name).groups()
+                numbers[base] = int(value) - int(start or 0)
+            return f"{target.format_map(numbers)}.{parameter}"
     return key
+
+
+class _Numbers(dict):
+    """A template's numbers by placeholder: ``{stage}`` as matched, ``{stage1}`` / ``{stage2}`` counted from 1 / 2."""
+
+    def __missing__(self, name: str) -> int:
+        base, start = _PLACEHOLDER.fullmatch(name).groups()
+        if not start:
+            raise KeyError(f"the template's placeholder {{{name}}} matched nothing")
+        return self[base] + int(start)
 
 
 @cache

@@ -14,7 +14,12 @@ from .architecture import describe, infer_config, same_architecture
 from .layouts import PeerLayout, peer_rules, strip_known_prefixes, strip_prefixes, to_canonical, translate_key
 
 _STAGE_KEY = re.compile(r"encoder\.stages\.(\d+)\.")
-_LAYOUT_NAMES = {None: "transformers", "torchvision": "torchvision/timm", "mmdet": "mmdet/mmseg"}
+_LAYOUT_NAMES = {
+    None: "transformers",
+    "torchvision": "torchvision/timm",
+    "mmdet": "mmdet/mmseg",
+    "detectron2": "detectron2",
+}
 
 
 @dataclass
