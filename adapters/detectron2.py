@@ -88,6 +88,25 @@ class RBResNet(Backbone):
     Beyond detectron2: ``preset`` (one of this project's presets, instead of ``depth`` and the width keys),
     ``output_stride`` (8, 16 or 32, instead of ``res5_dilation``) and ``weights`` (anything
     ``ResNetBackbone.from_pretrained`` takes, loaded strictly; its report is in ``load_report``).
+
+    Args:
+        depth: 18, 34, 50, 101 or 152 (``MODEL.RESNETS.DEPTH``).
+        out_features: the outputs, among ``stem`` and ``res2``..``res5`` (default: the last stage).
+        norm: ``FrozenBN``, ``BN``, ``SyncBN``, ``nnSyncBN`` or ``GN``.
+        num_groups: groups of the bottleneck's 3x3 convolution (ResNeXt).
+        width_per_group: channels per group of that convolution.
+        stride_in_1x1: the block's stride in its first 1x1 convolution (detectron2's MSRA weights).
+        stem_out_channels: the stem's output channels.
+        res2_out_channels: res2's output channels (the others double).
+        res5_dilation: 1, or 2 for a dilated res5 (stride 16).
+        freeze_at: 0 (nothing frozen) to 5, as detectron2 counts.
+        in_channels: the input's channels.
+        preset: one of this project's presets, instead of ``depth`` and the width keys.
+        output_stride: 8, 16 or 32, instead of ``res5_dilation``.
+        weights: a checkpoint to load strictly, anything ``ResNetBackbone.from_pretrained`` takes.
+
+    Raises:
+        ValueError: a value detectron2's ResNet does not take, or that this backbone cannot reproduce.
     """
 
     def __init__(
@@ -165,7 +184,17 @@ class RBResNet(Backbone):
 
     def freeze(self, freeze_at: int = 0) -> RBResNet:
         """Freeze the stem (``freeze_at`` >= 1) and res2..res(``freeze_at``), as detectron2's ``ResNet.freeze``:
-        no gradients, BatchNorm and SyncBatchNorm converted to detectron2's ``FrozenBatchNorm2d``."""
+        no gradients, BatchNorm and SyncBatchNorm converted to detectron2's ``FrozenBatchNorm2d``.
+
+        Args:
+            freeze_at: 0 (nothing) to 5; never less than the config's own ``freeze_at``.
+
+        Returns:
+            This backbone.
+
+        Raises:
+            ValueError: ``freeze_at`` out of range.
+        """
         if not isinstance(freeze_at, int) or not 0 <= freeze_at <= len(_DETECTRON2_NAMES):
             raise ValueError(
                 f"FREEZE_AT (freeze_at) must be 0 (nothing frozen) to {len(_DETECTRON2_NAMES)}: 1 freezes the stem, "
@@ -312,13 +341,28 @@ def _report_detectron2_keys(module: nn.Module, incompatible_keys: Any) -> None:
 def add_rb_resnet_config(cfg: CfgNode) -> None:
     """Add ``MODEL.RB_RESNET``: ``PRESET`` (one of this project's presets, instead of ``DEPTH`` and the width
     keys), ``OUTPUT_STRIDE`` (8, 16 or 32, instead of ``RES5_DILATION``) and ``WEIGHTS`` (anything
-    ``ResNetBackbone.from_pretrained`` takes). All ``None``: detectron2's keys alone decide."""
+    ``ResNetBackbone.from_pretrained`` takes). All ``None``: detectron2's keys alone decide.
+
+    Args:
+        cfg: the detectron2 config, changed in place (call it before ``merge_from_file``).
+    """
     cfg.MODEL.RB_RESNET = CfgNode({key: None for key in _RB_RESNET_KEYS})
 
 
 def rb_resnet_arguments(cfg: CfgNode, input_shape: ShapeSpec) -> dict[str, Any]:
     """:class:`RBResNet`'s arguments for a detectron2 config; any key whose meaning RBResNet does not reproduce
-    (a deformable stage, a key detectron2's ResNet does not have) is an error, never ignored."""
+    (a deformable stage, a key detectron2's ResNet does not have) is an error, never ignored.
+
+    Args:
+        cfg: the detectron2 config (``MODEL.RESNETS``, ``MODEL.BACKBONE.FREEZE_AT``, ``MODEL.RB_RESNET``).
+        input_shape: the input's ``ShapeSpec`` (its channels).
+
+    Returns:
+        The keyword arguments of :class:`RBResNet`.
+
+    Raises:
+        ValueError: a key or value RBResNet cannot reproduce.
+    """
     resnets = cfg.MODEL.RESNETS
     unknown = sorted(set(resnets) - set(_RESNETS_KEYS) - set(_DEFORM_KEYS))
     if unknown:
@@ -343,19 +387,43 @@ def rb_resnet_arguments(cfg: CfgNode, input_shape: ShapeSpec) -> dict[str, Any]:
 
 @BACKBONE_REGISTRY.register()
 def build_rb_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> RBResNet:
-    """detectron2's ``build_resnet_backbone``, on this project's trunk."""
+    """detectron2's ``build_resnet_backbone``, on this project's trunk.
+
+    Args:
+        cfg: the detectron2 config.
+        input_shape: the input's ``ShapeSpec``.
+
+    Returns:
+        The :class:`RBResNet` the config describes.
+    """
     return RBResNet(**rb_resnet_arguments(cfg, input_shape))
 
 
 @BACKBONE_REGISTRY.register()
 def build_rb_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
-    """detectron2's ``build_resnet_fpn_backbone`` (``FPN`` with ``LastLevelMaxPool``) on :class:`RBResNet`."""
+    """detectron2's ``build_resnet_fpn_backbone`` (``FPN`` with ``LastLevelMaxPool``) on :class:`RBResNet`.
+
+    Args:
+        cfg: the detectron2 config (``MODEL.FPN`` too).
+        input_shape: the input's ``ShapeSpec``.
+
+    Returns:
+        detectron2's ``FPN`` over the :class:`RBResNet` the config describes.
+    """
     return _fpn(cfg, build_rb_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
 
 
 @BACKBONE_REGISTRY.register()
 def build_rb_retinanet_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
-    """detectron2's ``build_retinanet_resnet_fpn_backbone`` (``FPN`` with ``LastLevelP6P7`` from res5)."""
+    """detectron2's ``build_retinanet_resnet_fpn_backbone`` (``FPN`` with ``LastLevelP6P7`` from res5).
+
+    Args:
+        cfg: the detectron2 config (``MODEL.FPN`` too).
+        input_shape: the input's ``ShapeSpec``.
+
+    Returns:
+        detectron2's ``FPN`` with P6 and P7 over the :class:`RBResNet` the config describes.
+    """
     bottom_up = build_rb_resnet_backbone(cfg, input_shape)
     top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS)
     return _fpn(cfg, bottom_up, top_block)

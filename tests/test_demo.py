@@ -42,7 +42,7 @@ def test_datasets_share_the_scenes():
 @pytest.mark.slow
 def test_demo_smoke_run_writes_its_pictures(tmp_path):
     command = [shutil.which("resnet-backbone"), "demo", "--epochs", "1", "--train-images", "16",
-               "--eval-images", "8", "--image-size", "64", "--output-dir", str(tmp_path)]  # fmt: skip
+               "--eval-images", "8", "--output-dir", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mAP@0.5 before fine-tuning" in result.stdout and "mAP@0.5 after 2 steps" in result.stdout
