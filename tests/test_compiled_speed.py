@@ -4,7 +4,10 @@ warns once where compiled is clearly slower, stays silent otherwise, and stops t
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -133,3 +136,15 @@ def test_the_check_wraps_a_compiled_model_unless_switched_off(monkeypatch):
 def test_an_uncompiled_model_is_refused_with_what_to_do():
     with pytest.raises(TypeError, match="ResNetBackbone is not compiled: compile it with compile_without_autograd"):
         check_compiled_speed(ResNetBackbone(**TINY_BASIC))
+
+
+def test_the_inductor_cache_dir_is_the_variable_or_inductors_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    assert inductor_cache_dir() == str(tmp_path / "cache")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert inductor_cache_dir() == os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    from torch._inductor.runtime import cache_dir_utils
+
+    monkeypatch.delattr(cache_dir_utils, "default_cache_dir")
+    with pytest.raises(RuntimeError, match=rf"torch {re.escape(torch.__version__)} changed .*default_cache_dir"):
+        inductor_cache_dir()
