@@ -18,7 +18,7 @@ from helpers import TINY_BASIC
 
 from resnet_backbone import CompiledSlowerWarning, ResNetBackbone
 from resnet_backbone.compiled_speed import CALLS_TIMED, CHECK_VARIABLE, CompiledSpeedCheck, check_compiled_speed
-from resnet_backbone.torch_compat import compile_without_autograd, inductor_cache_dir
+from resnet_backbone.torch_compat import compile_without_autograd, inductor_cache_dir, wrap_compiled_call
 
 SLEEP_S = 0.03  # far above the cost of a call that does not sleep, on any machine load
 
@@ -148,3 +148,24 @@ def test_the_inductor_cache_dir_is_the_variable_or_inductors_default(monkeypatch
     monkeypatch.delattr(cache_dir_utils, "default_cache_dir")
     with pytest.raises(RuntimeError, match=rf"torch {re.escape(torch.__version__)} changed .*default_cache_dir"):
         inductor_cache_dir()
+
+
+def test_the_warning_points_at_the_line_that_called_the_model():
+    """Through nn.Module's call, as a user meets it; the compiled call is stood in for by the eager one plus a
+    sleep, so nothing compiles."""
+    model = tiny_compiled_backbone()
+
+    def slow_check(compiled: Callable, eager: Callable) -> CompiledSpeedCheck:
+        def slow_compiled(pixel_values: torch.Tensor) -> object:
+            time.sleep(0.2)  # over 1.3 times the eager call while that takes under 0.6 s, as a tiny model does
+            return eager(pixel_values)
+
+        return CompiledSpeedCheck(slow_compiled, eager, model_name="ResNetBackbone")
+
+    wrap_compiled_call(model, slow_check)
+    pixel_values = torch.zeros(1, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(CALLS_TIMED + 2):
+            model(pixel_values)
+    assert [(warning.category, warning.filename) for warning in caught] == [(CompiledSlowerWarning, __file__)]
