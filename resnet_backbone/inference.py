@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .compiled_speed import check_compiled_speed
 from .model_parts import declared_dense_parts, dense_parts, is_foldable_norm, register_dense_parts
 from .pretrained import ResNetPreTrainedModel
 from .quantization import computes_int8_natively, load_programs, quantize_parts
@@ -76,7 +77,8 @@ def optimize_for_inference(
       freezing (weights become constants, so later changes to the parameters are not seen), static shapes
       (each new input shape compiles once) and no autograd; on a CPU also with the C++ wrapper (see
       :func:`compile_for_inference`). On CUDA it also records CUDA graphs: an output is overwritten by the
-      next call, so clone what you keep.
+      next call, so clone what you keep. On a CPU, if its first calls of an input shape run clearly slower
+      than the uncompiled model, a :class:`CompiledSlowerWarning` says so once, with the fix.
 
     The dense parts of a whole model come from the adapter that builds or recognises its class (importing
     ``resnet_backbone.adapters.<framework>`` declares them, see :func:`register_dense_parts`), or from
@@ -297,6 +299,7 @@ def compile_for_inference(model: nn.Module) -> None:
     """
     on_cuda = next(model.parameters()).is_cuda
     compile_without_autograd(model, {"freezing": True, "cpp_wrapper": not on_cuda, "triton.cudagraphs": on_cuda})
+    check_compiled_speed(model)
 
 
 def _fold_batch_norms(model: nn.Module) -> None:
