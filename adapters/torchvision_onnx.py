@@ -65,10 +65,12 @@ def export_detector_onnx(model: nn.Module, path: str | os.PathLike, *, opset: in
 
     def write(staged: Path) -> None:
         with warnings.catch_warnings():
-            # Tracing warns at every Python number it records; torchvision's tracing paths keep those
-            # that depend on the image size as tensors (the parity check at other sizes proves it).
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch announces the dynamo exporter
+            # Tracing warns at every Python number it records, torchvision at the tensors it copies for tracing,
+            # torch that this exporter and torch.jit are deprecated (docs/deployment.md says what that means);
+            # torchvision's tracing paths keep what depends on the image size as tensors (the parity check at
+            # other sizes proves it).
+            for category in (torch.jit.TracerWarning, UserWarning, DeprecationWarning, FutureWarning):
+                warnings.simplefilter("ignore", category)
             torch.onnx.export(
                 model,
                 ([example],),

@@ -219,7 +219,7 @@ def _example(model: FeatureMaps) -> Tensor:
 def _export_dense(model: FeatureMaps, path: str | os.PathLike, names: list[str], opset: int | None) -> Path:
     """Export with torch's dynamo exporter (dynamic batch, height and width) and save checked."""
     program = torch.onnx.export(
-        model,
+        model.eval(),
         (_example(model),),
         input_names=["pixel_values"],
         output_names=names,
