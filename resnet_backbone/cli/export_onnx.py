@@ -13,7 +13,7 @@ from ..training.task_model import load_task_model
 from ..training.task_onnx import export_task_model_onnx, is_task_model_dir, onnx_parity_report
 from .arguments import output_file, positive_int, refuse_existing
 
-HELP = "export to ONNX (dynamic batch, height, width) and verify it"
+HELP = "export a backbone, or a fine-tuned model whole, to ONNX and verify it"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
