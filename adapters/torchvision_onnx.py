@@ -26,8 +26,8 @@ __all__ = ["TORCHSCRIPT_EXPORTER_OPSETS", "export_detector_onnx", "onnx_detectio
 # The opsets the TorchScript-based exporter writes (it stops at 20) that the core's check also accepts.
 TORCHSCRIPT_EXPORTER_OPSETS = range(LOWEST_OPSET, 21)
 _DETECTORS = (GeneralizedRCNN, RetinaNet, FCOS)
-# The outputs that hold one entry per detection, and Mask R-CNN's masks, which are as large as the image.
-_PER_IMAGE_AXES = {"masks": {0: "detections", 2: "height", 3: "width"}}
+# Every output's first axis counts the detections; Mask R-CNN's masks are also as high and wide as the image.
+_OUTPUT_AXES = {"masks": {0: "detections", 2: "height", 3: "width"}}
 
 
 def export_detector_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None = None) -> Path:
@@ -80,7 +80,7 @@ def export_detector_onnx(model: nn.Module, path: str | os.PathLike, *, opset: in
                 input_names=["image"],
                 output_names=names,
                 dynamic_axes={"image": {1: "height", 2: "width"}}
-                | {name: _PER_IMAGE_AXES.get(name, {0: "detections"}) for name in names},
+                | {name: _OUTPUT_AXES.get(name, {0: "detections"}) for name in names},
             )
 
     return save_checked_onnx(write, path, opset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -13,7 +14,7 @@ from resnet_backbone.adapters.torchvision import build_detector, build_segmenter
 from resnet_backbone.adapters.torchvision_onnx import export_detector_onnx, onnx_detection_differences
 from resnet_backbone.cli.main import main
 from resnet_backbone.export import export_model_onnx
-from resnet_backbone.training.task_model import TaskSpec, build_task_model, save_task_model
+from resnet_backbone.training.task_model import TaskSpec, build_task_model, load_task_model, save_task_model
 
 IMAGE_SIZES = [(128, 160), (96, 144)]
 
@@ -74,11 +75,16 @@ def test_a_torchvision_deeplabv3_in_onnx_gives_the_same_logits_at_two_image_size
 
 
 @pytest.mark.slow
-def test_an_smp_unet_as_training_builds_it_in_onnx_gives_the_same_logits_at_two_image_sizes(tmp_path):
+def test_an_smp_unet_folder_from_training_exports_whole_with_the_same_logits_at_two_image_sizes(tmp_path, capsys):
     spec = TaskSpec("segmentation", "unet", 3, 128, {0: "background", 1: "cat", 2: "dog"})
-    segmenter = randomize_norms(build_task_model(spec, "resnet18")).eval()
-    path = export_model_onnx(segmenter, tmp_path / "unet.onnx")
-    _segmenter_parity(path, segmenter, [(1, 96, 128), (2, 160, 64)])
+    save_task_model(randomize_norms(build_task_model(spec, "resnet18")), tmp_path / "model", spec)
+    assert main(["export-onnx", str(tmp_path / "model"), str(tmp_path / "unet.onnx"), "--opset", "17"]) == 0
+    printed = capsys.readouterr().out
+    assert "output logits: dynamic batch, height and width in multiples of 32" in printed
+    assert printed.count("onnxruntime vs PyTorch at [(1, 128, 128), (2, 160, 96)]") == 1, printed
+    assert [(op.domain, op.version) for op in onnx.load(tmp_path / "unet.onnx").opset_import] == [("", 17)]
+    segmenter, _ = load_task_model(tmp_path / "model")
+    _segmenter_parity(tmp_path / "unet.onnx", segmenter.eval(), [(1, 96, 128), (2, 160, 64)])
 
 
 def test_a_whole_model_export_refuses_an_opset_or_a_model_it_cannot_write(tmp_path):
@@ -102,8 +108,9 @@ def detector_folder(tmp_path):
 @pytest.mark.slow
 def test_export_onnx_command_line_exports_a_fine_tuned_model_folder_whole(tmp_path, detector_folder, capsys):
     output = tmp_path / "detector.onnx"
-    assert main(["export-onnx", str(detector_folder), str(output)]) == 0
+    assert main(["export-onnx", str(detector_folder), str(output), "--opset", "17"]) == 0
     printed = capsys.readouterr().out
+    assert next(op.version for op in onnx.load(output).opset_import if op.domain in ("", "ai.onnx")) == 17
     assert f"wrote {output}: the whole fasterrcnn (detection)" in printed
     assert printed.count("onnxruntime vs PyTorch at") == 2
     assert printed.count("count_difference 0, ") == 2 and printed.count("labels 0") == 2, printed

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..adapters.torchvision_onnx import export_detector_onnx, onnx_detection_differences
@@ -71,8 +70,7 @@ def onnx_parity_report(path: str | os.PathLike, model: nn.Module, spec: TaskSpec
     divisor = backbone_of(model).size_divisibility
     side = max(divisor, round(side / divisor) * divisor)
     sizes = [(1, side, side), (2, side + divisor, max(divisor, side - divisor))]
-    with torch.no_grad():
-        difference = onnx_max_abs_diff(path, model, sizes)
+    difference = onnx_max_abs_diff(path, model, sizes)
     return [
         f"input pixel_values (normalised as in training), output logits: dynamic batch, height and width in "
         f"multiples of {divisor}",
