@@ -31,10 +31,11 @@ _OUTPUT_AXES = {"masks": {0: "detections", 2: "height", 3: "width"}}
 
 
 def export_detector_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None = None) -> Path:
-    """Write a torchvision detector (Faster R-CNN, Mask R-CNN, RetinaNet, FCOS from ``build_detector``) as one ONNX
-    file: input ``image``, one ``(3, height, width)`` image with values in [0, 1] of any height and width, as the
+    """Write a torchvision detector (Faster, Mask or Keypoint R-CNN, RetinaNet, FCOS from ``build_detector``) as one
+    ONNX file: input ``image``, one ``(3, height, width)`` image with values in [0, 1] of any height and width, as the
     detector takes it in eager mode; outputs named as the keys of the detector's result (``boxes``, ``labels``,
-    ``scores``, and ``masks`` for Mask R-CNN), with boxes in the input image's pixels. Resizing, normalising,
+    ``scores``, ``masks`` for Mask R-CNN, ``keypoints`` and ``keypoints_scores`` for Keypoint R-CNN), with boxes
+    in the input image's pixels. Resizing, normalising,
     non-maximum suppression and, for Mask R-CNN, pasting the masks are inside the file.
 
     Exported with torch's TorchScript-based exporter (the dynamo exporter cannot: see this module's docstring), then
@@ -55,8 +56,8 @@ def export_detector_onnx(model: nn.Module, path: str | os.PathLike, *, opset: in
     _check_detector_opset(opset)
     if not isinstance(model, _DETECTORS):
         raise ValueError(
-            f"export_detector_onnx exports torchvision's Faster R-CNN, Mask R-CNN, RetinaNet or FCOS, got "
-            f"{type(model).__name__}; export a segmenter with resnet_backbone.export.export_model_onnx."
+            "export_detector_onnx exports torchvision's Faster R-CNN, Mask R-CNN, Keypoint R-CNN, RetinaNet or FCOS, "
+            f"got {type(model).__name__}; export a segmenter with resnet_backbone.export.export_model_onnx."
         )
     model.eval()
     example = _random_image(model, *_example_size(model))
@@ -122,7 +123,7 @@ def onnx_detection_differences(
         Per size: ``detections`` (PyTorch's count), ``count_difference`` (onnxruntime's count minus that),
         ``boxes`` (the largest difference relative to the coordinate, or absolute below one pixel), ``scores``
         (the largest absolute difference), ``labels`` (how many differ) and, for Mask R-CNN, ``masks`` (pixels on
-        opposite sides of 0.5), over the detections both have.
+        opposite sides of 0.5) and for Keypoint R-CNN ``keypoints`` (as ``boxes``), over the detections both have.
     """
     import onnxruntime
 
@@ -142,14 +143,20 @@ def _detection_differences(actual: dict[str, Tensor], expected: dict[str, Tensor
     detections, count_difference = len(expected["boxes"]), len(actual["boxes"]) - len(expected["boxes"])
     both = min(len(actual["boxes"]), detections)
     actual, expected = ({name: value[:both] for name, value in outputs.items()} for outputs in (actual, expected))
-    box_error = (actual["boxes"] - expected["boxes"]).abs() / expected["boxes"].abs().clamp(min=1)
     differences = {
         "detections": detections,
         "count_difference": count_difference,
-        "boxes": box_error.max().item() if both else 0.0,
+        "boxes": _relative_difference(actual["boxes"], expected["boxes"]),
         "scores": (actual["scores"] - expected["scores"]).abs().max().item() if both else 0.0,
         "labels": (actual["labels"] != expected["labels"]).sum().item(),
     }
     if "masks" in expected:
         differences["masks"] = ((actual["masks"] > 0.5) != (expected["masks"] > 0.5)).sum().item()
+    if "keypoints" in expected:
+        differences["keypoints"] = _relative_difference(actual["keypoints"], expected["keypoints"])
     return differences
+
+
+def _relative_difference(actual: Tensor, expected: Tensor) -> float:
+    """The largest difference of pixel coordinates, relative to the coordinate (absolute below one pixel)."""
+    return ((actual - expected).abs() / expected.abs().clamp(min=1)).max().item() if len(expected) else 0.0

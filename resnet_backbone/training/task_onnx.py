@@ -62,8 +62,10 @@ def onnx_parity_report(path: str | os.PathLike, model: nn.Module, spec: TaskSpec
     side = spec.image_size
     if spec.task == "detection":
         sizes = [(side, side), (side * 3 // 4, side)]
-        lines = ["input image: one (3, height, width) image in [0, 1], any height and width; outputs per detection"]
-        for (height, width), found in zip(sizes, onnx_detection_differences(path, model, sizes)):
+        differences = onnx_detection_differences(path, model, sizes)
+        outputs = ", ".join(["boxes", "labels", "scores"] + (["masks"] if "masks" in differences[0] else []))
+        lines = [f"input image: one (3, height, width) image in [0, 1] of any size; outputs {outputs} per detection"]
+        for (height, width), found in zip(sizes, differences):
             measures = ", ".join(f"{name} {value:.3g}" for name, value in found.items())
             lines.append(f"onnxruntime vs PyTorch at {height}x{width}: {measures}")
         return lines
