@@ -92,7 +92,7 @@ def _whole_model_output_names(model: nn.Module, example: Tensor) -> list[str]:
         return list(output)
     raise ValueError(
         f"export_model_onnx exports a model returning a tensor or a dict of tensors (a segmenter's logits); "
-        f"{type(model).__name__} returned a {type(output).__name__}."
+        f"{type(model).__name__} returned a {type(output).__name__}. Export a backbone or a neck with export_onnx."
     )
 
 
@@ -194,7 +194,8 @@ def export_model_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int |
 
     Args:
         model: a model holding a ``ResNetTrunk`` whose forward takes a batch of images and returns a tensor
-            (output ``"logits"``) or a dict of tensors (one output per key: torchvision's ``"out"``, ``"aux"``).
+            (output ``"logits"``) or a dict of tensors (one output per key: torchvision's ``"out"``, ``"aux"``);
+            it is put in eval mode.
         path: the ``.onnx`` file to write (replaced if it exists).
         opset: the ONNX opset version, one of ``supported_opsets()`` (default: the exporter's).
 
