@@ -38,7 +38,7 @@ class ResNetBackbone(ResNetTrunk):
     # the selection API and this forward stay Python.
     __jit_unused_properties__ = [
         *ResNetTrunk.__jit_unused_properties__, "out_features", "out_indices", "num_features",
-        "out_feature_channels", "out_feature_strides", "channels", "strides", "size_divisibility",
+        "out_feature_channels", "out_feature_strides", "channels", "strides",
     ]  # fmt: skip
 
     @staticmethod
@@ -100,12 +100,6 @@ class ResNetBackbone(ResNetTrunk):
     def strides(self) -> list[int]:
         """Stride (input size / feature size) of each output feature map, in ``out_features`` order."""
         return [self.out_feature_strides[name] for name in self.out_features]
-
-    @property
-    def size_divisibility(self) -> int:
-        """The stride of the deepest stage the forward computes (detectron2's name): inputs divisible by it
-        keep every feature map an exact fraction of the input."""
-        return self.stage_specs[self.num_stages_to_build(self.config)].stride
 
     # ---------------------------------------------------------------- forward
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from .backbone import ResNetBackbone
+from .trunk import ResNetTrunk
 
 
 def dynamic_shapes(model: nn.Module, max_side: int = 4096, max_batch: int = 1024) -> dict[str, dict[int, Any]]:
@@ -41,19 +43,28 @@ def dynamic_shapes(model: nn.Module, max_side: int = 4096, max_batch: int = 1024
     return {"pixel_values": {0: Dim("batch", min=1, max=max_batch), 2: divisor * height, 3: divisor * width}}
 
 
+def _size_divisibility(model: nn.Module) -> int:
+    """``model``'s own ``size_divisibility`` (a backbone or a neck), else that of the trunk inside it."""
+    return getattr(model, "size_divisibility", None) or _backbone_of(model).size_divisibility
+
+
 class FeatureMaps(nn.Module):
-    """A model's feature maps as a flat tuple, in order: the form ONNX outputs take.
+    """A model's outputs as a flat tuple, in order: the form ONNX outputs take.
 
     Args:
-        model: a backbone (returning ``BackboneOutput``) or a neck (returning a dict of levels).
+        model: a backbone (returning ``BackboneOutput``), a neck or a segmenter returning a dict of tensors, or
+            a model returning one tensor (such as a segmenter's logits).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.size_divisibility = _size_divisibility(model)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
         output = self.model(pixel_values)
+        if isinstance(output, Tensor):
+            return (output,)
         return tuple(output.values()) if isinstance(output, dict) else tuple(output.feature_maps)
 
 
@@ -69,6 +80,20 @@ def output_names(model: nn.Module) -> list[str]:
     if isinstance(model, ResNetBackbone):
         return list(model.out_features)
     return list(model.output_shape())
+
+
+def _whole_model_output_names(model: nn.Module, example: Tensor) -> list[str]:
+    """The keys of a model's dict output, or ``["logits"]`` for a model returning one tensor."""
+    with torch.no_grad():
+        output = model.eval()(example)
+    if isinstance(output, Tensor):
+        return ["logits"]
+    if isinstance(output, dict) and all(isinstance(value, Tensor) for value in output.values()):
+        return list(output)
+    raise ValueError(
+        f"export_model_onnx exports a model returning a tensor or a dict of tensors (a segmenter's logits); "
+        f"{type(model).__name__} returned a {type(output).__name__}. Export a backbone or a neck with export_onnx."
+    )
 
 
 # torch's exporter builds opset-18 graphs and onnx's version converter takes them down to 16; below that it has no
@@ -159,35 +184,83 @@ def export_onnx(
         if not isinstance(model, ResNetBackbone):
             raise ValueError("out_features applies to a ResNetBackbone; the FPN's outputs are fixed when it is built.")
         model.out_features = out_features
-    model = model.eval()
+    return _export_dense(FeatureMaps(model.eval()), path, output_names(model), opset)
+
+
+def export_model_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None = None) -> Path:
+    """Write a whole model on this backbone, such as a segmenter, as one ONNX file with input ``pixel_values``
+    (dynamic batch, and heights and widths in multiples of its backbone's ``size_divisibility``), as
+    :func:`export_onnx` writes a backbone: checked, complete or not at all.
+
+    Args:
+        model: a model holding a ``ResNetTrunk`` whose forward takes a batch of images and returns a tensor
+            (output ``"logits"``) or a dict of tensors (one output per key: torchvision's ``"out"``, ``"aux"``);
+            it is put in eval mode.
+        path: the ``.onnx`` file to write (replaced if it exists).
+        opset: the ONNX opset version, one of ``supported_opsets()`` (default: the exporter's).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: an unsupported ``opset``, a model without a ``ResNetTrunk``, or another kind of output.
+        OSError: ``path``'s folder cannot be written.
+    """
+    check_opset(opset)
+    wrapped = FeatureMaps(model.eval())
+    return _export_dense(wrapped, path, _whole_model_output_names(model, _example(wrapped)), opset)
+
+
+def _example(model: FeatureMaps) -> Tensor:
+    """A batch of 2 (torch.export specialises 0 and 1), of unequal height and width (so neither is fixed)."""
     divisor = model.size_divisibility
-    example = torch.randn(2, _backbone_of(model).config.num_channels, 2 * divisor, 3 * divisor)
+    return torch.randn(2, _backbone_of(model).config.num_channels, 2 * divisor, 3 * divisor)
+
+
+def _export_dense(model: FeatureMaps, path: str | os.PathLike, names: list[str], opset: int | None) -> Path:
+    """Export with torch's dynamo exporter (dynamic batch, height and width) and save checked."""
     program = torch.onnx.export(
-        FeatureMaps(model).eval(),
-        (example,),
+        model.eval(),
+        (_example(model),),
         input_names=["pixel_values"],
-        output_names=output_names(model),
+        output_names=names,
         opset_version=opset,
         dynamo=True,
         dynamic_shapes=dynamic_shapes(model),
         verbose=False,
     )
-    path = Path(path)
-    _save_checked(program, path, opset)
-    return path
-
-
-def _save_checked(program: torch.onnx.ONNXProgram, path: Path, opset: int | None) -> None:
-    """Save in a temporary folder beside ``path``, check, then rename the data file (if any) and the model into
-    place; the temporary folder goes in every case."""
-    import onnx
-
     initializers = program.model.graph.initializers.values()
     weight_bytes = sum(value.const_value.nbytes for value in initializers if value.const_value is not None)
+    external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    return save_checked_onnx(lambda staged: program.save(staged, external_data=external_data), path, opset)
+
+
+def save_checked_onnx(write: Callable[[Path], object], path: str | os.PathLike, opset: int | None) -> Path:
+    """Write an ONNX file so that it appears complete and checked, or not at all: ``write`` saves it in a
+    temporary folder beside ``path``, ``onnx.checker`` checks it, and only then are its data file (if any) and
+    the model renamed into place; the temporary folder goes in every case. For exporters other than
+    :func:`export_onnx`'s, such as an adapter's whole-detector export.
+
+    Args:
+        write: saves the model to the path it is given (with its weights in ``external_data_path`` of that
+            path, if it keeps them apart).
+        path: the ``.onnx`` file to write (replaced if it exists).
+        opset: the opset asked for; the written file must have it (``None``: any).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: the file has another opset than ``opset`` (nothing is written).
+        onnx.checker.ValidationError: the file is not valid ONNX (nothing is written).
+    """
+    import onnx
+
+    path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         staged = staging / path.name
-        program.save(staged, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+        write(staged)
         onnx.checker.check_model(staged)  # by path: it reads external data and models over 2 GB
         opsets = onnx.load(staged, load_external_data=False).opset_import
         written = next(op.version for op in opsets if op.domain in ("", "ai.onnx"))
@@ -198,6 +271,7 @@ def _save_checked(program: torch.onnx.ONNXProgram, path: Path, opset: int | None
         os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return path
 
 
 def onnx_max_abs_diff(path: str | os.PathLike, model: nn.Module, sizes: list[tuple[int, int, int]]) -> float:
@@ -225,8 +299,8 @@ def onnx_max_abs_diff(path: str | os.PathLike, model: nn.Module, sizes: list[tup
     return worst
 
 
-def _backbone_of(model: nn.Module) -> ResNetBackbone:
-    backbone = next((m for m in model.modules() if isinstance(m, ResNetBackbone)), None)
+def _backbone_of(model: nn.Module) -> ResNetTrunk:
+    backbone = next((m for m in model.modules() if isinstance(m, ResNetTrunk)), None)
     if backbone is None:
-        raise ValueError(f"{type(model).__name__} holds no ResNetBackbone.")
+        raise ValueError(f"{type(model).__name__} holds no ResNetBackbone (nor any ResNetTrunk).")
     return backbone

@@ -43,7 +43,7 @@ class ResNetTrunk(ResNetPreTrainedModel):
     """
 
     # TorchScript compiles only what scripted callers use (scripted_hidden_states); metadata stays Python.
-    __jit_unused_properties__ = ["feature_specs", "num_built_stages", "stage_names"]
+    __jit_unused_properties__ = ["feature_specs", "num_built_stages", "size_divisibility", "stage_names"]
 
     def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -58,6 +58,12 @@ class ResNetTrunk(ResNetPreTrainedModel):
     def num_stages_to_build(config: ResNetConfig) -> int:
         """How many stages to build: all of them, unless a subclass needs fewer."""
         return len(config.depths)
+
+    @property
+    def size_divisibility(self) -> int:
+        """The stride of the deepest stage the forward computes (detectron2's name): inputs divisible by it
+        keep every feature map an exact fraction of the input."""
+        return self.stage_specs[self.num_stages_to_build(self.config)].stride
 
     def _init_weights(self) -> None:
         for module in self.modules():
