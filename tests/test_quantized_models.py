@@ -26,7 +26,7 @@ CALIBRATION_IMAGES = 16
 
 @pytest.mark.slow
 def test_the_demo_detector_keeps_its_map50_in_int8():
-    options = DemoOptions(epochs=2, train_images=160, eval_images=32)
+    options = DemoOptions(epochs=3, train_images=320, eval_images=32, image_size=96)
     tuned = fine_tune_demo_detector(options, log=lambda line: None)
     spec = TaskSpec("detection", "fcos", len(SHAPE_LABELS), options.image_size, SHAPE_LABELS)
     int8_model = quantize_task_model(tuned.model, spec, tuned.train_set, CALIBRATION_IMAGES, compile=False)
