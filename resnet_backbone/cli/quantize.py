@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]] | None:
             images than the folder holds, or an earlier OUT_DIR without ``--overwrite``; all before any work.
             ``resnet-backbone`` shows it as one line and exits with 2.
     """
-    output = args.output or output_directory(str(args.model.with_name(args.model.name + OUTPUT_SUFFIX)))
-    if output.resolve() == args.model.resolve():
+    model_dir = args.model.resolve()  # so that "." has a name to put the suffix on
+    output = args.output or output_directory(str(model_dir.with_name(model_dir.name + OUTPUT_SUFFIX)))
+    if output.resolve() == model_dir:
         raise ValueError(f"--output {output} is MODEL_DIR itself; the int8 model is written to a folder of its own.")
     refuse_existing([output], args.overwrite)
     if (args.model / INT8_DIR).exists():
