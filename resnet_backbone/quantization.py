@@ -202,10 +202,24 @@ def _program_file(part_name: str) -> str:
 
 
 def _run_program(part: nn.Module, program: nn.Module, exported: ExportedProgram | None = None) -> None:
-    """Make ``part.forward`` run ``program`` (a submodule of the part, so it moves with it)."""
+    """Make ``part.forward`` run ``program`` (a submodule of the part, so it moves with it).
+
+    torch.export's module refuses ``train`` and ``eval``, so ``model.eval()`` on the whole model would fail;
+    the program computes in eval mode whatever the flag says, so ``eval`` passes and ``train`` refuses."""
+    program.train = types.MethodType(_inference_only, program)
+    del program.eval  # torch.export's refusal; nn.Module.eval calls train(False)
     setattr(part, PROGRAM_ATTRIBUTE, program)
     part.forward = types.MethodType(_forward_through_program, part)
     part.int8_exported_program = exported
+
+
+def _inference_only(self: nn.Module, mode: bool = True) -> nn.Module:
+    if mode:
+        raise RuntimeError(
+            "An int8 model runs inference only: call train() on the float model it was quantized from, and "
+            "quantize it again after training."
+        )
+    return self
 
 
 def _forward_through_program(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

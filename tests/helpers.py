@@ -4,6 +4,7 @@ architectures, the Hub cache layout, and fresh interpreters."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -12,8 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
 from torch import nn
 
 from resnet_backbone import ResNetConfig
@@ -109,3 +113,67 @@ def run_python(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+SIZES = [(64, 64), (48, 80), (72, 56), (64, 96), (56, 64), (80, 48)]  # height, width
+SQUARE, BAR = 3, 7  # non-contiguous category ids
+
+
+def _rectangles(index: int, height: int, width: int) -> list[tuple[int, list[int]]]:
+    """(category id, [x1, y1, x2, y2]) of the shapes drawn on image ``index``; image 1 is a negative."""
+    if index == 1:
+        return []
+    return [(SQUARE, [4, 6, 4 + width // 3, 6 + height // 3]), (BAR, [width // 2, height // 2, width - 6, height - 3])]
+
+
+def _polygon(box: list[int]) -> list[list[float]]:
+    x1, y1, x2, y2 = box
+    return [[x1, y1, x2, y1, x2, y2, x1, y2]]
+
+
+def write_labelled_folders(root: Path) -> tuple[Path, Path]:
+    """A COCO folder and a mask folder under ``root`` over the same images of different sizes, with what real
+    exports hold: a negative image, a crowd region, a degenerate box, a box past the border, non-contiguous
+    category ids, an unlabelled mask border; and ``val/`` in the COCO folder, two of its images held out."""
+    coco, semantic = root / "coco", root / "semantic"
+    for directory in (coco / "images", semantic / "images", semantic / "masks"):
+        directory.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    images, annotations = [], []
+
+    def annotate(**fields) -> None:
+        annotations.append({"id": len(annotations) + 1, "iscrowd": 0, **fields})
+
+    for index, (height, width) in enumerate(SIZES):
+        pixels = generator.integers(0, 80, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), dtype=np.uint8)
+        for category, (x1, y1, x2, y2) in _rectangles(index, height, width):
+            pixels[y1:y2, x1:x2] = (220, 40, 40) if category == SQUARE else (40, 220, 220)
+            mask[y1:y2, x1:x2] = 1 if category == SQUARE else 2
+            area = (x2 - x1) * (y2 - y1)
+            annotate(image_id=index, category_id=category, bbox=[x1, y1, x2 - x1, y2 - y1], area=area,
+                     segmentation=_polygon([x1, y1, x2, y2]))  # fmt: skip
+        mask[:3, :] = 255  # an unlabelled border, to ignore
+        for folder in (coco, semantic):
+            Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
+        Image.fromarray(mask).save(semantic / "masks" / f"{index}.png")
+        images.append({"id": index, "file_name": f"{index}.png", "height": height, "width": width})
+    crowd = np.zeros((48, 80), dtype=np.uint8, order="F")
+    crowd[30:44, 2:30] = 1
+    rle = coco_mask.encode(crowd)
+    annotate(image_id=1 + 1, category_id=SQUARE, bbox=[2, 30, 28, 14], area=392, iscrowd=1,
+             segmentation={"size": rle["size"], "counts": rle["counts"].decode()})  # fmt: skip
+    annotate(image_id=0, category_id=BAR, bbox=[10, 10, 0, 12], area=0, segmentation=_polygon([10, 10, 10, 22]))
+    annotate(image_id=3, category_id=BAR, bbox=[70, 40, 40, 20], area=800, segmentation=_polygon([70, 40, 110, 60]))
+    categories = [{"id": SQUARE, "name": "square"}, {"id": BAR, "name": "bar"}]
+    (coco / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                       "categories": categories}))  # fmt: skip
+    # A held-out folder of two images (one with the crowd region), as small as evaluation can be.
+    (coco / "val" / "images").mkdir(parents=True)
+    held_out = [image for image in images if image["id"] in (2, 3)]
+    for image in held_out:
+        shutil.copy(coco / "images" / image["file_name"], coco / "val" / "images")
+    kept = [annotation for annotation in annotations if annotation["image_id"] in (2, 3)]
+    (coco / "val" / "annotations.json").write_text(json.dumps({"images": held_out, "annotations": kept,
+                                                               "categories": categories}))  # fmt: skip
+    return coco, semantic

@@ -7,9 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..training.evaluation import evaluate, evaluation_data, format_metrics
+from ..training.evaluation import evaluate, evaluation_data, evaluation_device, format_metrics
 from ..training.task_model import load_task_model
 
 HELP = "mAP or mIoU of a fine-tuned model (train's OUTPUT_DIR/best) on a folder"
@@ -36,7 +34,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     model, spec = load_task_model(args.model)
     dataset = evaluation_data(spec, args.data)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = evaluation_device(model)
     metrics = evaluate(model.to(device), dataset, spec, device)
     print(format_metrics(metrics))
     return metrics

@@ -6,14 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, convert, demo, evaluate, export_onnx, info, train
+from . import bench, convert, demo, evaluate, export_onnx, info, quantize, train
 from .arguments import ArgumentParser
 
 # Each verb is a module with HELP, add_arguments(parser) and run(args) (and PARSER_OPTIONS where its parser
 # differs), in the order --help lists them.
 VERBS = {
     "info": info, "convert": convert, "demo": demo, "train": train, "evaluate": evaluate,
-    "export-onnx": export_onnx, "bench": bench,
+    "quantize": quantize, "export-onnx": export_onnx, "bench": bench,
 }  # fmt: skip
 
 

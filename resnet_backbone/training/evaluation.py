@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..quantization import quantized_programs
 from .data.coco import CocoFolder
 from .data.masks import IGNORE_INDEX, MaskFolder
 from .engine import World, json_line, keep_log_until
@@ -39,6 +40,22 @@ def evaluation_data(spec: TaskSpec, directory: Path) -> Dataset:
     return MaskFolder(directory, num_classes=spec.num_classes)
 
 
+def model_input(spec: TaskSpec, image: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+    """One image as evaluation feeds it to ``spec``'s model: in a list for a detector (which resizes it
+    itself), as a batch of one at the training size for a segmenter."""
+    if spec.task == "detection":
+        return [image]
+    return F.interpolate(image[None], size=(spec.image_size,) * 2, mode="bilinear")
+
+
+def evaluation_device(model: nn.Module) -> torch.device:
+    """Where ``resnet-backbone evaluate`` runs ``model``: CUDA when there is one, except for an int8 model,
+    which runs on the CPU only."""
+    if quantized_programs(model) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
 def evaluate(model: nn.Module, dataset: Dataset, spec: TaskSpec, device: torch.device) -> dict[str, Any]:
     """The metrics of ``model`` on ``dataset``, without touching the training's random state; the model is
     left in eval mode. One process computes them all (torchmetrics' cross-process sync stays off, so the
@@ -46,17 +63,17 @@ def evaluate(model: nn.Module, dataset: Dataset, spec: TaskSpec, device: torch.d
     model.eval()
     with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if spec.task == "detection":
-            return _detection_metrics(model, dataset, device)
+            return _detection_metrics(model, dataset, spec, device)
         return _segmentation_metrics(model, dataset, spec, device)
 
 
-def _detection_metrics(model: nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
+def _detection_metrics(model: nn.Module, dataset: Dataset, spec: TaskSpec, device: torch.device) -> dict[str, float]:
     from torchmetrics.detection import MeanAveragePrecision
 
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", sync_on_compute=False)
     for index in range(len(dataset)):
         image, target = dataset[index]
-        (prediction,) = model([image.to(device)])
+        (prediction,) = model(model_input(spec, image.to(device)))
         metric.update([{key: value.cpu() for key, value in prediction.items()}], [target])
     result = metric.compute()
     return {"mAP@0.5": float(result["map_50"]), "mAP": float(result["map"])}
@@ -70,8 +87,7 @@ def _segmentation_metrics(model: nn.Module, dataset: Dataset, spec: TaskSpec, de
     class_iou = MulticlassJaccardIndex(average="none", **options)
     for index in range(len(dataset)):
         image, mask = dataset[index]
-        resized = F.interpolate(image[None].to(device), size=(spec.image_size,) * 2, mode="bilinear")
-        logits = F.interpolate(model(resized).float(), size=mask.shape, mode="bilinear")
+        logits = F.interpolate(model(model_input(spec, image.to(device))).float(), size=mask.shape, mode="bilinear")
         prediction = logits.argmax(dim=1).cpu()
         mean_iou.update(prediction, mask[None])
         class_iou.update(prediction, mask[None])

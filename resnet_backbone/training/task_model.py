@@ -3,7 +3,8 @@
 ``task.json`` says what to build (task, architecture, classes, label names, COCO category ids),
 ``task_model.pt`` holds the whole model's weights, and ``config.json`` with ``model.safetensors`` hold the
 backbone alone (so ``ResNetBackbone.from_pretrained(directory)`` reads it, with the label names in its
-``id2label``).
+``id2label``). A folder that ``resnet-backbone quantize`` wrote also holds ``int8/``, the int8 programs of
+the model's dense parts (see ``quantized_model``), and loads as the int8 model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..adapters.torchvision import DETECTORS, build_detector
 from ..backbone import ResNetBackbone
 from ..config import ResNetConfig
 from ..hints import close_match_hint
+from ..inference import load_quantized
 from ..presets import PRESETS
 from ..trunk import ResNetTrunk
 from ..weights import LoadReport, load_checkpoint, load_placed
@@ -33,6 +35,7 @@ from .data.masks import IGNORE_INDEX
 TASK_NAME = "task.json"
 WEIGHTS_NAME = "task_model.pt"
 CONFIG_NAME = "config.json"
+INT8_DIR = "int8"
 SEGMENTERS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
 # The segmenters with an image-pooling branch (each image pooled to 1x1, then BatchNorm), by that branch's
 # name: in training, that BatchNorm sees one value per channel at one image per batch, which it cannot
@@ -87,7 +90,8 @@ def save_task_model(model: nn.Module, directory: Path, spec: TaskSpec) -> None:
 def load_task_model(directory: str | Path) -> tuple[nn.Module, TaskSpec]:
     """The model :func:`save_task_model` wrote to ``directory``, and its spec. Each file is checked against
     the others (an edited ``task.json`` or ``config.json``, weights of another model) and a mismatch is one
-    error naming the file and what it expected; nothing is half-loaded."""
+    error naming the file and what it expected; nothing is half-loaded. A folder with ``int8/`` gives the int8
+    model (compiled, on the CPU), rebuilt from the float weights beside it with no calibration."""
     directory = Path(directory)
     missing = [name for name in (TASK_NAME, WEIGHTS_NAME, CONFIG_NAME) if not (directory / name).is_file()]
     if missing:
@@ -108,6 +112,8 @@ def load_task_model(directory: str | Path) -> tuple[nn.Module, TaskSpec]:
     except ValueError as error:
         raise ValueError(f"{directory}: {TASK_NAME} and {CONFIG_NAME} describe no model that builds: {error}") from None
     _load_weights(model, directory / WEIGHTS_NAME, f"the {spec.architecture} with backbone {backbone}")
+    if (directory / INT8_DIR).exists():
+        model = load_quantized(model, directory / INT8_DIR, inplace=True)
     return model, spec
 
 
