@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -41,15 +42,16 @@ from resnet_backbone.inference import compile_for_inference
 from resnet_backbone.torch_compat import tree_flatten, tree_unflatten
 from resnet_backbone.weights import to_canonical
 
+from .compiled import find_slow_compiled, first_call
 from .counters import count_flops, peak_memory_bytes
 from .machine import matmul_runs
 from .modes import tolerance_for, why_not_run
+from .peers import OURS
 from .results import WorkloadResult
 from .timing import time_interleaved
 from .workloads import case_results
 
 TASKS = ("detection", "segmentation", "finetune")
-OURS = "resnet_backbone"
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,24 @@ DEFAULT_WORKLOADS = (
 )
 
 
-def smoke_workloads() -> tuple[DenseWorkload, ...]:
-    """The same models at 64 pixels, batch 1 or 2: the pipeline end to end, in seconds."""
-    return tuple(DenseWorkload(w.task, w.model, min(w.batch, 2), 64, 64) for w in DEFAULT_WORKLOADS)
+def select_workloads(tasks: Sequence[str], *, full: bool, smoke: bool) -> list[DenseWorkload]:
+    """The workloads of ``tasks``: all of them with ``full``, else the first (the headline) of each task; with
+    ``smoke`` the same models at 64 pixels, batch 1 or 2 (the pipeline end to end, in seconds).
+
+    Args:
+        tasks: names from :data:`TASKS`; others select nothing.
+        full: every workload of each task, not only its first.
+        smoke: tiny inputs instead of the sizes the models run at in practice.
+
+    Returns:
+        The workloads in :data:`DEFAULT_WORKLOADS`' order.
+    """
+    chosen = [w for w in DEFAULT_WORKLOADS if w.task in tasks]
+    if not full:
+        chosen = [w for w in chosen if w == next(first for first in chosen if first.task == w.task)]
+    if smoke:
+        chosen = [DenseWorkload(w.task, w.model, min(w.batch, 2), 64, 64) for w in chosen]
+    return chosen
 
 
 def build_pair(workload: DenseWorkload) -> tuple[str, nn.Module, nn.Module]:
@@ -162,12 +179,16 @@ def inputs_for(workload: DenseWorkload) -> Any:
     return list(images) if workload.task == "detection" else (list(images), targets)
 
 
-def cases_for(workload: DenseWorkload, peer: str, compile: bool, device: torch.device) -> tuple[list, dict[str, str]]:
-    """The (library, mode) cases, the peer's eager float32 first; and the skipped ones with the reason."""
+def cases_for(
+    workload: DenseWorkload, peer: str, *, compile: bool, full: bool, device: torch.device
+) -> tuple[list, dict[str, str]]:
+    """The (library, mode) cases, the peer's eager float32 first (the uncompiled ones only unless ``full``: the
+    quick default compiles no whole model); and the skipped ones with the reason."""
     if workload.task == "finetune":
         cases = [(library, mode) for library in (peer, OURS) for mode in FINETUNE_MODES]
     else:
         cases = [(peer, mode) for mode in PEER_INFERENCE_MODES] + [(OURS, mode) for mode in OUR_INFERENCE_MODES]
+    cases = cases if full else [case for case in cases if not case[1].compile]
     reasons = {case: why_not_run(case[1].dtype, case[1].compile, compile=compile, device=device) for case in cases}
     skipped = {f"{library} {mode.name}": why for (library, mode), why in reasons.items() if why is not None}
     return [case for case in cases if reasons[case] is None], skipped
@@ -223,6 +244,7 @@ def run_dense_workload(
     workload: DenseWorkload,
     *,
     compile: bool,
+    full: bool,
     rounds: int,
     matmul_size: int,
     device: torch.device,
@@ -235,19 +257,17 @@ def run_dense_workload(
     peer, theirs, ours = build_pair(workload)
     models = {peer: theirs.to(device), OURS: ours.to(device)}
     inputs = inputs_for(workload)
-    cases, skipped = cases_for(workload, peer, compile, device)
+    cases, skipped = cases_for(workload, peer, compile=compile, full=full, device=device)
     reference_case = cases[0]
-    runs, prepared, first_call_s, differences = {}, {}, {}, {}
+    runs, prepared, first_calls, differences = {}, {}, {}, {}
     for case in cases:
         library, mode = case
         run, prepared[case] = prepare(workload, mode, models[library], inputs)
-        started = time.perf_counter()
         if case == reference_case:
-            flops, reference = count_flops(run)
+            (flops, reference), first_calls[case] = first_call(partial(count_flops, run))
             output = reference
         else:
-            output = run()
-        first_call_s[case] = time.perf_counter() - started
+            output, first_calls[case] = first_call(run)
         differences[case] = checked_difference(
             reference, output, tolerance_for(mode.dtype), f"{workload.label}, {library} {mode.name}"
         )
@@ -263,7 +283,7 @@ def run_dense_workload(
     fastest = min((case for case in timings if case[0] == OURS), key=lambda case: timings[case].median)
     split = time_parts(prepared[fastest], runs[fastest])
     torch.compiler.reset()
-    results = case_results(timings, reference_case, workload.batch, flops, peaks, first_call_s, differences, memory)
+    results = case_results(timings, reference_case, workload.batch, flops, peaks, first_calls, differences, memory)
     return WorkloadResult(
         label=workload.label,
         kind=workload.task,
@@ -277,6 +297,7 @@ def run_dense_workload(
         cases=results,
         skipped=skipped,
         part_split_ms={"mode": f"{fastest[0]} {fastest[1].name}", **split},
+        slow_compiled=find_slow_compiled(results),
     )
 
 

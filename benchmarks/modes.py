@@ -14,7 +14,7 @@ from resnet_backbone import computes_bf16_natively, optimize_for_inference
 from resnet_backbone.inference import FLOAT32_TOLERANCE, LOW_PRECISION_TOLERANCE
 from resnet_backbone.torch_compat import compile_without_autograd
 
-from .peers import feature_maps
+from .peers import LIBRARIES, OURS, feature_maps
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,18 @@ FAST_PATH_FP32 = Mode("fast path fp32", channels_last=True, fast_path=True)
 FAST_PATH_BF16_COMPILED = Mode(
     "fast path bf16 compiled", dtype=torch.bfloat16, channels_last=True, fast_path=True, compile=True
 )
+FAST_PATH_BF16 = Mode("fast path bf16", dtype=torch.bfloat16, channels_last=True, fast_path=True)
 FAST_PATH_MODES = (
     FAST_PATH_FP32,
-    Mode("fast path bf16", dtype=torch.bfloat16, channels_last=True, fast_path=True),
+    FAST_PATH_BF16,
     Mode("fast path fp32 compiled", channels_last=True, fast_path=True, compile=True),
     FAST_PATH_BF16_COMPILED,
+)
+# The quick default's backbone cases: every library eager, our fast path uncompiled, and compiled only where it
+# is the point (our fastest mode, one compile).
+HEADLINE_CASES = (
+    *((library, EAGER_FP32) for library in LIBRARIES),
+    *((OURS, mode) for mode in (FAST_PATH_FP32, FAST_PATH_BF16, FAST_PATH_BF16_COMPILED)),
 )
 
 

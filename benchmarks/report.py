@@ -44,6 +44,7 @@ def format_tables(result: SuiteResult) -> str:
     for architecture in dict.fromkeys(workload.architecture for workload in sweep):
         blocks.append(f"{architecture} resolution sweep, batch 1: ms per image (outputs checked as above)")
         blocks.append(format_table(*_sweep_table([w for w in sweep if w.architecture == architecture])))
+    blocks += _slow_compiled_blocks(result)
     if result.targets:
         rows = [
             (t.workload, t.name, f">= {t.threshold:g}", "not run" if t.measured is None else f"{t.measured:.2f}",
@@ -52,8 +53,36 @@ def format_tables(result: SuiteResult) -> str:
         ]  # fmt: skip
         blocks += ["targets", format_table(("workload", "target", "required", "measured", "met"), rows)]
     first_calls = sum(case.first_call_s for workload in result.workloads for case in workload.cases)
-    blocks.append(f"wall time {result.wall_s:.0f} s, of which {first_calls:.0f} s in first calls (compiling included)")
+    selection = "every workload and mode (--full)" if result.settings["full"] else "the quick selection"
+    blocks.append(
+        f"wall time {result.wall_s:.0f} s, of which {first_calls:.0f} s in first calls (compiling included); "
+        f"{selection}"
+    )
     return "\n\n".join(blocks)
+
+
+def _slow_compiled_blocks(result: SuiteResult) -> list[str]:
+    """The compiled modes slower than their uncompiled twin, with where their graphs came from; a line saying
+    there are none where compiled modes ran; nothing where none did."""
+    flags = [(workload.label, flag) for workload in result.workloads for flag in workload.slow_compiled]
+    compiled = any(case.uncompiled_twin for workload in result.workloads for case in workload.cases)
+    if not flags:
+        return ["no compiled mode is slower than its uncompiled twin"] if compiled else []
+    rows = [
+        (label, flag.case, flag.twin, f"{flag.median_ms:.1f}", f"{flag.twin_median_ms:.1f}",
+         f"{flag.median_ms / flag.twin_median_ms:.2f}x", _graph_cache(flag.fx_graph_cache), flag.inductor_cache_dir,
+         str(flag.threads))
+        for label, flag in flags
+    ]  # fmt: skip
+    header = ("workload", "SLOWER compiled mode", "uncompiled twin", "median ms", "twin ms", "time ratio")
+    header += ("FX graph cache in its first call", "inductor cache dir", "threads")
+    return ["compiled modes slower than their uncompiled twin", format_table(header, rows)]
+
+
+def _graph_cache(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "not recorded"
+    return ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
 
 
 def _workload_heading(workload: WorkloadResult) -> str:

@@ -8,6 +8,7 @@ that is still there works, whatever the release.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -100,3 +101,24 @@ def allocation_events(profiler: torch.profiler.profile, device_type: str) -> lis
         if event.tag == allocation and event.extra_fields.device.type == device_type:
             found.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
     return found
+
+
+_GRAPH_CACHE = "tell whether a compiled graph came from inductor's cache"
+
+
+def inductor_cache_dir() -> str:
+    """The folder inductor caches compiled graphs in: ``TORCHINDUCTOR_CACHE_DIR``, else inductor's default (one
+    per user under the temporary folder). Read without creating it, as inductor would on its first compile."""
+    runtime = _private(_private(torch, "torch._inductor", _GRAPH_CACHE), "torch._inductor.runtime", _GRAPH_CACHE)
+    utils = _private(runtime, "torch._inductor.runtime.cache_dir_utils", _GRAPH_CACHE)
+    default = _private(utils, "torch._inductor.runtime.cache_dir_utils.default_cache_dir", _GRAPH_CACHE)
+    return os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default())
+
+
+def fx_graph_cache_counts() -> dict[str, int]:
+    """How many graphs inductor's FX graph cache has, in this process so far, served from the cache (``hit``),
+    compiled and stored (``miss``) and compiled without caching (``bypass``): the difference over a first call
+    says whether its compiled code came from the cache."""
+    utils = _private(_private(torch, "torch._dynamo", _GRAPH_CACHE), "torch._dynamo.utils", _GRAPH_CACHE)
+    inductor = _private(utils, "torch._dynamo.utils.counters", _GRAPH_CACHE)["inductor"]
+    return {outcome: inductor[f"fxgraph_cache_{outcome}"] for outcome in ("hit", "miss", "bypass")}
