@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -42,10 +43,11 @@ from resnet_backbone.inference import compile_for_inference
 from resnet_backbone.torch_compat import tree_flatten, tree_unflatten
 from resnet_backbone.weights import to_canonical
 
+from .agreement import Agreement, checked_min_cosine
 from .compiled import find_slow_compiled, first_call
 from .counters import count_flops, peak_memory_bytes
 from .machine import matmul_runs
-from .modes import tolerance_for, why_not_run
+from .modes import calibration_inputs, min_cosine_for, tolerance_for, why_not_run
 from .peers import OURS
 from .results import WorkloadResult
 from .timing import time_interleaved
@@ -75,6 +77,7 @@ OUR_INFERENCE_MODES = (
     DenseMode("fast path fp32", fast_path=True, channels_last=True),
     DenseMode("fast path fp32 compiled", fast_path=True, channels_last=True, compile=True),
     DenseMode("fast path bf16 compiled", fast_path=True, channels_last=True, compile=True, dtype=torch.bfloat16),
+    DenseMode("fast path int8 compiled", fast_path=True, channels_last=True, compile=True, dtype=torch.int8),
 )
 FINETUNE_MODES = (EAGER, DenseMode("compiled channels_last", fast_path=True, channels_last=True, compile=True))
 
@@ -166,8 +169,10 @@ def with_small_box_deltas(model: nn.Module) -> nn.Module:
     return model
 
 
-def inputs_for(workload: DenseWorkload) -> Any:
-    generator = torch.Generator().manual_seed(0)
+def inputs_for(workload: DenseWorkload, seed: int = 0) -> Any:
+    """The model's inputs (a batch, a list of images, or those and the targets in training), random from
+    ``seed``: 0 for the timed call, others for int8's calibration."""
+    generator = torch.Generator().manual_seed(seed)
     shape = (workload.batch, 3, workload.height, workload.width)
     images = torch.rand(shape, generator=generator)
     if workload.task == "segmentation":
@@ -217,7 +222,10 @@ def prepare(
 
         return step, model
     if mode.fast_path:
-        model = optimize_for_inference(model, dtype=mode.dtype, compile=mode.compile)
+        options = {}
+        if mode.dtype == torch.int8:
+            options["calibration"] = calibration_inputs(partial(inputs_for, workload))
+        model = optimize_for_inference(model, dtype=mode.dtype, compile=mode.compile, **options)
     else:
         model = copy.deepcopy(model).eval()
         if mode.channels_last:
@@ -259,18 +267,19 @@ def run_dense_workload(
     inputs = inputs_for(workload)
     cases, skipped = cases_for(workload, peer, compile=compile, full=full, device=device)
     reference_case = cases[0]
-    runs, prepared, first_calls, differences = {}, {}, {}, {}
+    runs, prepared, first_calls, agreements = {}, {}, {}, {}
     for case in cases:
         library, mode = case
         run, prepared[case] = prepare(workload, mode, models[library], inputs)
-        if case == reference_case:
-            (flops, reference), first_calls[case] = first_call(partial(count_flops, run))
-            output = reference
-        else:
-            output, first_calls[case] = first_call(run)
-        differences[case] = checked_difference(
-            reference, output, tolerance_for(mode.dtype), f"{workload.label}, {library} {mode.name}"
-        )
+        with _dense_outputs_recorded(prepared[case], workload) as dense_outputs:
+            if case == reference_case:
+                (flops, reference), first_calls[case] = first_call(partial(count_flops, run))
+                output, reference_dense_outputs = reference, dense_outputs
+            else:
+                output, first_calls[case] = first_call(run)
+        dense = reference_dense_outputs, dense_outputs
+        name = f"{workload.label}, {library} {mode.name}"
+        agreements[case] = _checked_agreement(workload, (reference, output), dense, mode.dtype, name)
         runs[case] = run
         progress.update()
     matmuls = matmul_runs(device, matmul_size)
@@ -283,7 +292,7 @@ def run_dense_workload(
     fastest = min((case for case in timings if case[0] == OURS), key=lambda case: timings[case].median)
     split = time_parts(prepared[fastest], runs[fastest])
     torch.compiler.reset()
-    results = case_results(timings, reference_case, workload.batch, flops, peaks, first_calls, differences, memory)
+    results = case_results(timings, reference_case, workload.batch, flops, peaks, first_calls, agreements, memory)
     return WorkloadResult(
         label=workload.label,
         kind=workload.task,
@@ -301,19 +310,88 @@ def run_dense_workload(
     )
 
 
-class _Timed(nn.Module):
-    """Stands in for one part during the split: runs it and adds its seconds to ``spent``; in training it also
-    notes in ``gradients_ready`` when all the gradients of its outputs have arrived: its backward pass starts."""
+def _checked_agreement(
+    workload: DenseWorkload,
+    outputs: tuple[Any, Any],
+    dense_outputs: tuple[list[torch.Tensor], list[torch.Tensor]],
+    dtype: torch.dtype,
+    case: str,
+) -> Agreement:
+    """A case's outputs against the reference's: the max difference (detections, logits, loss) within its
+    tolerance, except int8's detections, which may differ in labels; the least cosine similarity of the dense
+    outputs (a detector's dense parts', a segmenter's logits; none for a training step's loss), checked for int8.
+    """
+    reference, output = outputs
+    tolerance = tolerance_for(dtype)
+    detection = workload.task == "detection"
+    difference = None if tolerance is None and detection else checked_difference(reference, output, tolerance, case)
+    if workload.task == "finetune":
+        return Agreement(difference, None)
+    compared = dense_outputs if detection else ([reference["out"]], [output["out"]])
+    return Agreement(difference, checked_min_cosine(*compared, min_cosine_for(dtype), case))
 
-    def __init__(self, part: nn.Module, spent: dict[str, float], gradients_ready: dict[str, float], name: str) -> None:
+
+class _StandIn(nn.Module):
+    """Stands in for one dense part while the caller measures it; the part's own attributes stay reachable."""
+
+    def __init__(self, part: nn.Module) -> None:
         super().__init__()
-        self.part, self.spent, self.gradients_ready, self.name = part, spent, gradients_ready, name
+        self.part = part
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:  # the part's own methods, e.g. a head's compute_loss
             return getattr(self.part, name)
+
+
+@contextmanager
+def _parts_replaced(model: nn.Module, stand_in: Callable[[str, nn.Module], nn.Module]) -> Iterator[None]:
+    """Each named dense part of ``model`` replaced by ``stand_in(name, part)``, and put back at the end."""
+    parts = {name: part for name, part in dense_parts(model).items() if name}
+    for name, part in parts.items():
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, stand_in(name, part))
+    try:
+        yield
+    finally:
+        for name, part in parts.items():
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attribute, part)
+
+
+class _Recorded(_StandIn):
+    """Stands in for one part during a checked call: runs it and keeps its outputs' tensors."""
+
+    def __init__(self, part: nn.Module, outputs: list[torch.Tensor]) -> None:
+        super().__init__(part)
+        self.outputs = outputs
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.part(*args, **kwargs)
+        self.outputs += [leaf.detach() for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
+        return output
+
+
+@contextmanager
+def _dense_outputs_recorded(model: nn.Module, workload: DenseWorkload) -> Iterator[list[torch.Tensor]]:
+    """The tensors a detector's dense parts output in the calls inside the block, in call order (a detector's
+    detections can change with any feature; its dense outputs change by as much as the features do)."""
+    outputs: list[torch.Tensor] = []
+    if workload.task != "detection":
+        yield outputs
+        return
+    with _parts_replaced(model, lambda _, part: _Recorded(part, outputs)):
+        yield outputs
+
+
+class _Timed(_StandIn):
+    """Stands in for one part during the split: runs it and adds its seconds to ``spent``; in training it also
+    notes in ``gradients_ready`` when all the gradients of its outputs have arrived: its backward pass starts."""
+
+    def __init__(self, part: nn.Module, spent: dict[str, float], gradients_ready: dict[str, float], name: str) -> None:
+        super().__init__(part)
+        self.spent, self.gradients_ready, self.name = spent, gradients_ready, name
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -349,20 +427,12 @@ def time_parts(model: nn.Module, run: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of one call in each dense part; in training also in each part's backward pass (from the
     arrival of its outputs' gradients to that of the part before it, or the end of the call); and the rest
     (transform, anchors, NMS, RoI heads, post-processing, the loss and its backward)."""
-    parts = {name: part for name, part in dense_parts(model).items() if name}
     spent: dict[str, float] = defaultdict(float)
     gradients_ready: dict[str, float] = {}
-    for name, part in parts.items():
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, _Timed(part, spent, gradients_ready, name))
-    try:
+    with _parts_replaced(model, lambda name, part: _Timed(part, spent, gradients_ready, name)):
         started = time.perf_counter()
         run()
         ended = time.perf_counter()
-    finally:
-        for name, part in parts.items():
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attribute, part)
     backward_order = sorted(gradients_ready, key=gradients_ready.get)  # the head first, the backbone last
     ends = [gradients_ready[name] for name in backward_order[1:]] + [ended]
     for name, end in zip(backward_order, ends):
@@ -373,9 +443,10 @@ def time_parts(model: nn.Module, run: Callable[[], Any]) -> dict[str, float]:
     }
 
 
-def checked_difference(reference: Any, actual: Any, tolerance: float, case: str) -> float:
+def checked_difference(reference: Any, actual: Any, tolerance: float | None, case: str) -> float:
     """The largest difference from the reference: detections matched by label and box (any order among
-    equal scores), logits and losses as a fraction of their scale; raise past ``tolerance``."""
+    equal scores), logits and losses as a fraction of their scale; raise past ``tolerance`` (None: not
+    checked, int8)."""
     if isinstance(reference, list):  # detections, one dict per image
         difference = max((_detection_difference(e, a) for e, a in zip(reference, actual, strict=True)), default=0.0)
         tolerance = max(tolerance, 1e-3)  # boxes may move by 1e-3 of the image scale, about a pixel
@@ -385,7 +456,7 @@ def checked_difference(reference: Any, actual: Any, tolerance: float, case: str)
         if expected.shape != output.shape:
             raise RuntimeError(f"{case}: output shape {tuple(output.shape)} differs from the reference's.")
         difference = ((expected.float() - output.float()).abs().max() / expected.abs().max()).item()
-    if not difference <= tolerance:
+    if tolerance is not None and not difference <= tolerance:
         raise RuntimeError(
             f"{case}: outputs differ from the reference by {difference:.3g} of their scale (tolerance {tolerance:g}); "
             "a model that computes something else is not timed."

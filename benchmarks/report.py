@@ -9,10 +9,11 @@ from pathlib import Path
 from resnet_backbone.weights.files import atomic_write
 
 from .machine import processor
+from .modes import INT8_MIN_COSINE
 from .results import CaseResult, SuiteResult, WorkloadResult
 
 CASE_COLUMNS = ("library", "mode", "median ms", "min-max ms", "images/s", "speedup", "GFLOP/s", "% of peak")
-CASE_COLUMNS += ("max diff", "first call s")
+CASE_COLUMNS += ("max diff", "min cosine", "first call s")
 
 
 def format_report(result: SuiteResult) -> str:
@@ -89,8 +90,9 @@ def _workload_heading(workload: WorkloadResult) -> str:
     peaks = ", ".join(f"{dtype} {gflops:.0f}" for dtype, gflops in workload.matmul_peak_gflops.items())
     return (
         f"{workload.label}: {workload.flops / 1e9:.1f} GFLOP per call; matmul peak in the same rounds (GFLOP/s): "
-        f"{peaks}. Speedup and outputs against {workload.reference}; every max diff (a fraction of the feature "
-        "scale) is within its mode's tolerance."
+        f"{peaks}. Speedup and outputs against {workload.reference}; every max diff (a fraction of the output "
+        f"scale) is within its mode's tolerance, int8's min cosine (similarity of the dense outputs) at least "
+        f"{INT8_MIN_COSINE}."
     )
 
 
@@ -110,11 +112,16 @@ def _case_row(case: CaseResult, training: bool) -> tuple[str, ...]:
         f"{case.speedup:.2f}x",
         f"{case.gflops_per_s:.0f}",
         f"{case.fraction_of_peak:.0%}",
-        f"{case.max_relative_diff:.1e}",
+        _figure(case.max_relative_diff, ".1e"),
+        _figure(case.min_cosine, ".4f"),
         f"{case.first_call_s:.1f}",
     )
     memory = "n/a" if case.peak_memory_mib is None else f"{case.peak_memory_mib:.0f}"
     return cells + ((memory,) if training else ())
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _sweep_table(sweep: list[WorkloadResult]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:

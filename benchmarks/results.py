@@ -20,8 +20,10 @@ class CaseResult:
     speedup: float
     gflops_per_s: float
     fraction_of_peak: float
-    max_relative_diff: float  # from the reference's outputs, as a fraction of the feature scale
-    tolerance: float
+    max_relative_diff: float | None  # from the reference's outputs, as a fraction of the feature scale
+    tolerance: float | None  # None: int8, checked by cosine similarity instead
+    min_cosine: float | None  # the accuracy column: cosine similarity to the reference's (dense) outputs
+    min_cosine_required: float | None  # int8's parity bound
     peak_memory_mib: float | None = None
     uncompiled_twin: str | None = None  # the mode of the same library a compiled mode is compared with
     fx_graph_cache: dict[str, int] | None = None  # compiled modes: FX graph cache hit/miss/bypass in the first call

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .agreement import Agreement, checked_min_cosine
 from .compiled import FirstCall, find_slow_compiled, first_call, uncompiled_twin
 from .counters import count_flops, peak_memory_bytes
 from .machine import matmul_runs
@@ -20,7 +21,9 @@ from .modes import (
     LIBRARY_MODES,
     TRAINING_FP32,
     Mode,
+    min_cosine_for,
     prepare,
+    random_batch,
     tolerance_for,
     why_not_run,
 )
@@ -106,18 +109,17 @@ def run_workload(
     """Measure every case of ``workload`` and the matmul peaks in the same rounds; raise if any case's
     outputs differ from the reference's."""
     progress.set_description(workload.label)
-    generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(workload.batch, 3, workload.size, workload.size, generator=generator).to(device)
-    runs, first_calls, differences = {}, {}, {}
+    pixel_values = random_batch((workload.batch, 3, workload.size, workload.size), seed=0).to(device)
+    runs, first_calls, agreements = {}, {}, {}
     reference_maps: list[torch.Tensor] = []
     for library, mode in workload.cases:
         run = prepare(mode, models[library], pixel_values)
         output, first_calls[library, mode] = first_call(run)
         maps = feature_maps(output)
         reference_maps = reference_maps or maps
-        differences[library, mode] = _checked_difference(
-            reference_maps, maps, mode.tolerance, f"{workload.label}, {library} {mode.name}"
-        )
+        case = f"{workload.label}, {library} {mode.name}"
+        cosine = checked_min_cosine(reference_maps, maps, min_cosine_for(mode.dtype), case)
+        agreements[library, mode] = Agreement(_checked_difference(reference_maps, maps, mode.tolerance, case), cosine)
         runs[library, mode] = run
         progress.update()
     matmuls = matmul_runs(device, matmul_size)
@@ -127,7 +129,7 @@ def run_workload(
     flops, _ = count_flops(runs[reference])
     memory = {key: peak_memory_bytes(run, device) for key, run in runs.items()} if workload.kind == "training" else {}
     torch.compiler.reset()  # frees the compiled graphs, and their recompilation budget, for the next workload
-    cases = case_results(timings, reference, workload.batch, flops, peaks, first_calls, differences, memory)
+    cases = case_results(timings, reference, workload.batch, flops, peaks, first_calls, agreements, memory)
     return WorkloadResult(
         label=workload.label,
         kind=workload.kind,
@@ -151,7 +153,7 @@ def case_results(
     flops: int,
     peaks: dict[str, float],
     first_calls: dict[tuple[str, Any], FirstCall],
-    differences: dict[tuple[str, Any], float],
+    agreements: dict[tuple[str, Any], Agreement],
     memory_bytes: dict[tuple[str, Any], int | None],
 ) -> list[CaseResult]:
     """Every timed (library, mode) case's figures, in timing order (a mode has a ``name``, a ``dtype`` and
@@ -175,8 +177,10 @@ def case_results(
                 speedup=timings[reference].median / timing.median,
                 gflops_per_s=flops / timing.median / 1e9,
                 fraction_of_peak=flops / timing.median / 1e9 / peaks[dtype],
-                max_relative_diff=differences[library, mode],
+                max_relative_diff=agreements[library, mode].max_relative_diff,
                 tolerance=tolerance_for(mode.dtype),
+                min_cosine=agreements[library, mode].min_cosine,
+                min_cosine_required=min_cosine_for(mode.dtype),
                 peak_memory_mib=None if memory is None else memory / 2**20,
                 uncompiled_twin=uncompiled_twin((library, mode), list(timings)),
                 fx_graph_cache=first.fx_graph_cache if mode.compile else None,
@@ -186,18 +190,15 @@ def case_results(
 
 
 def _checked_difference(
-    reference: list[torch.Tensor], actual: list[torch.Tensor], tolerance: float, case: str
+    reference: list[torch.Tensor], actual: list[torch.Tensor], tolerance: float | None, case: str
 ) -> float:
-    """Max abs difference from the reference over all feature maps, as a fraction of each map's scale."""
-    if [tuple(t.shape) for t in actual] != [tuple(t.shape) for t in reference]:
-        raise RuntimeError(
-            f"{case}: feature map shapes {[tuple(t.shape) for t in actual]} differ from the reference's."
-        )
+    """Max abs difference from the reference over all feature maps (of the same shapes), as a fraction of each
+    map's scale; raise past ``tolerance`` (None: not checked, int8)."""
     difference = max(
         ((expected.float() - feature_map.float()).abs().max() / expected.abs().max()).item()
         for expected, feature_map in zip(reference, actual)
     )
-    if not difference <= tolerance:
+    if tolerance is not None and not difference <= tolerance:
         raise RuntimeError(
             f"{case}: outputs differ from the reference by {difference:.3g} of the feature scale (tolerance "
             f"{tolerance:g}); a model that computes something else is not timed."

@@ -123,7 +123,7 @@ def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsy
 @pytest.mark.slow
 def test_report_writes_a_generated_page_with_the_machine_the_command_and_the_tables(tmp_path):
     page_path = tmp_path / "docs" / "benchmarks.md"
-    arguments = ["--smoke", "--tasks", "segmentation", "--output-dir", str(tmp_path / "results dir")]
+    arguments = ["--smoke", "--full", "--tasks", "segmentation", "--output-dir", str(tmp_path / "results dir")]
     arguments += ["--report", str(page_path)]
     assert main(["bench", *arguments]) == 0
 
