@@ -7,11 +7,12 @@ from . import adapter_api
 from .backbone import ResNetBackbone
 from .classification import ResNetForImageClassification, ResNetModel
 from .config import ResNetConfig
-from .inference import compile_for_training, computes_bf16_natively, optimize_for_inference
+from .inference import compile_for_training, computes_bf16_natively, load_quantized, optimize_for_inference
 from .layers import FrozenBatchNorm2d
 from .model_parts import dense_parts, register_dense_parts, register_foldable_norm
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
+from .quantization import computes_int8_natively, save_quantized
 from .weights import CheckpointMismatchError, LoadReport
 
 __all__ = [
@@ -28,10 +29,13 @@ __all__ = [
     "ResNetModel",
     "compile_for_training",
     "computes_bf16_natively",
+    "computes_int8_natively",
     "dense_parts",
+    "load_quantized",
     "optimize_for_inference",
     "register_dense_parts",
     "register_foldable_norm",
+    "save_quantized",
 ]
 
 # Deprecated here, importable for one release: what adapters build on is resnet_backbone.adapter_api's.

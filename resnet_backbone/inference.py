@@ -9,9 +9,10 @@ conv-norm pair becomes one convolution with a bias), so outputs, attributes and 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -21,13 +22,17 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model_parts import declared_dense_parts, dense_parts, is_foldable_norm, register_dense_parts
 from .pretrained import ResNetPreTrainedModel
+from .quantization import computes_int8_natively, load_programs, quantize_parts
 from .torch_compat import compile_without_autograd, cpu_computes_bf16_natively, is_compiled_module, tree_map
 from .weights.files import mark_optimized_for_inference
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 # Accuracy against the unoptimised model: max abs difference as a fraction of the feature scale.
 FLOAT32_TOLERANCE = 1e-4
 LOW_PRECISION_TOLERANCE = 5e-2
+# int8's error is relative to each output's spread rather than its largest value: cosine similarity of each
+# output with the float model's (a ResNet-50 with random weights and BatchNorm statistics reaches 0.999).
+INT8_COSINE_SIMILARITY = 0.999
 
 # This project's models are one dense part as a whole; adapters declare the parts of their frameworks' models.
 register_dense_parts(ResNetPreTrainedModel, [""])
@@ -44,9 +49,10 @@ def optimize_for_inference(
     *,
     dtype: torch.dtype | None = None,
     channels_last: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
     inplace: bool = False,
     parts: Sequence[str] | None = None,
+    calibration: Iterable[Any] | None = None,
 ) -> Model:
     """A copy of ``model`` that computes the same outputs faster, in eval mode and without gradients.
 
@@ -60,6 +66,12 @@ def optimize_for_inference(
       post-processing stay float32. Accuracy: float32 outputs differ from the original by at most 1e-4
       times the feature scale (the largest absolute value of each output); bfloat16 and float16 by at most
       5e-2 times. bfloat16 on a CPU without native bf16 arithmetic is slower than float32: a warning says so.
+    - ``dtype=torch.int8`` (CPU only): static post-training quantization of the dense parts with torchao's
+      PT2E flow and ``X86InductorQuantizer`` (int8 activations, per-channel int8 weights), calibrated on
+      ``calibration`` and compiled (the int8 kernels are inductor's); everything else stays float32,
+      and outputs come out in float32. Each output's cosine similarity with the float model's is about 0.999
+      or better. Fast where the CPU has VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8); elsewhere a warning says
+      so. Keep the result with :func:`~resnet_backbone.quantization.save_quantized`.
     - ``compile``: ``torch.compile`` of each dense part (of a backbone: the whole model) with inductor's
       freezing (weights become constants, so later changes to the parameters are not seen), static shapes
       (each new input shape compiles once) and no autograd; on a CPU also with the C++ wrapper (see
@@ -77,12 +89,17 @@ def optimize_for_inference(
         model: a ``ResNetBackbone``, ``ResNetModel`` or ``ResNetForImageClassification``; or a whole model
             around one (a detector or segmenter whose adapter is imported, or one given ``parts``), called
             exactly as before.
-        dtype: ``None`` (float32), ``torch.bfloat16`` or ``torch.float16``.
+        dtype: ``None`` (float32), ``torch.bfloat16``, ``torch.float16`` or ``torch.int8``.
         channels_last: weights in channels_last memory format.
-        compile: compile each dense part with inductor and frozen weights.
+        compile: compile each dense part with inductor and frozen weights. Default: for int8 only, whose
+            uncompiled program computes int8 arithmetic in float32 (for checking accuracy, not for speed).
         inplace: modify ``model`` itself instead of a copy (saves memory for large models).
         parts: names of the submodules to run in ``dtype`` and compile, instead of the declared dense parts
             (``[""]``: the whole model).
+        calibration: for int8 only, and required there: an iterable of inputs as the model takes them, one
+            call each (e.g. a few dozen of your images, in batches for a backbone or as lists of images for a
+            torchvision detector), at the sizes you will run. The model is quantized from the first one's
+            sizes, with its batch doubled; any other size then compiles once.
 
     Returns:
         The optimised model. It keeps the original's class, attributes and output type, but its state dict
@@ -91,7 +108,9 @@ def optimize_for_inference(
 
     Raises:
         TypeError: ``model`` is not a module, is already wrapped by ``torch.compile``, or has no convolution.
-        ValueError: ``dtype`` is not one of the three above, or ``parts`` names no submodule of ``model``.
+        ValueError: ``dtype`` is not one of the four above, ``parts`` names no submodule of ``model``,
+            ``calibration`` is missing for int8 (or given for another dtype), or int8 is asked on a GPU.
+        ImportError: int8 without torchao installed.
 
     Example::
 
@@ -115,10 +134,13 @@ def optimize_for_inference(
         )
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be None or one of {', '.join(map(str, DTYPES))}, got {dtype}.")
-    low_precision = dtype is not None and dtype != torch.float32
+    int8 = dtype == torch.int8
+    compile = int8 if compile is None else compile
+    _check_calibration(int8, calibration)
+    low_precision = dtype in (torch.bfloat16, torch.float16)
     part_names = list(dense_parts(model, parts))
-    if low_precision or compile:
-        what = " and ".join([f"run in {dtype}"] * low_precision + ["compiled"] * compile)
+    if low_precision or int8 or compile:
+        what = " and ".join([f"run in {dtype}"] * (low_precision or int8) + ["compiled"] * compile)
         _warn_if_undeclared(model, parts, "optimize_for_inference", what)
     device = next(model.parameters(), torch.empty(0)).device
     if dtype == torch.bfloat16 and not computes_bf16_natively(device):
@@ -127,14 +149,13 @@ def optimize_for_inference(
             "runs slower than float32 here. Leave dtype at None for speed.",
             stacklevel=2,
         )
-    model = model if inplace else copy.deepcopy(model)
-    model.eval().requires_grad_(False)
-    mark_optimized_for_inference(model)
-    _fold_batch_norms(model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    if int8:
+        _check_int8_device(device)
+    model = _folded(model, inplace=inplace, channels_last=channels_last)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     whole_backbone = isinstance(model, ResNetPreTrainedModel)
+    if int8:
+        quantize_parts(model, part_names, calibration)
     for part in map(model.get_submodule, part_names):
         if low_precision:
             part.to(dtype)
@@ -145,6 +166,68 @@ def optimize_for_inference(
                 part.register_forward_hook(torch.compiler.disable(_outputs_in_float32))
         if compile:
             compile_for_inference(part)
+    return model
+
+
+def _check_calibration(int8: bool, calibration: Iterable[Any] | None) -> None:
+    if int8 and calibration is None:
+        raise ValueError(
+            "dtype=torch.int8 needs calibration=...: an iterable of inputs as the model takes them (e.g. a few "
+            "dozen of your images, in batches), from which each layer's int8 range is measured."
+        )
+    if not int8 and calibration is not None:
+        raise ValueError("calibration is for dtype=torch.int8 only; the float dtypes need none. Leave it out.")
+
+
+def _check_int8_device(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ValueError(
+            f"dtype=torch.int8 runs on a CPU only, the model is on {device}. On a GPU use dtype=torch.bfloat16 or "
+            "torch.float16; or move the model to the CPU first."
+        )
+    if not computes_int8_natively(device):
+        warnings.warn(
+            "This CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8): int8 runs little "
+            "or no faster than float32 here. Leave dtype at None, or use bfloat16 where the CPU has it.",
+            stacklevel=3,
+        )
+
+
+def load_quantized(model: Model, directory: str | os.PathLike, *, compile: bool = True, inplace: bool = False) -> Model:
+    """The int8 model that :func:`~resnet_backbone.quantization.save_quantized` wrote, rebuilt around the float
+    model it was quantized from, with no calibration: its norms folded as ``optimize_for_inference`` folds them,
+    and each saved part compiled.
+
+    Args:
+        model: the float model, with the weights it had when it was quantized (e.g. loaded from its own
+            checkpoint).
+        directory: the folder ``save_quantized`` wrote.
+        compile: compile each part (as ``optimize_for_inference`` does for int8).
+        inplace: modify ``model`` itself instead of a copy.
+
+    Returns:
+        The int8 model, called as ``model`` is.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no quantized model.
+        ValueError: the folder's parts are not ``model``'s, or the model is on a GPU.
+    """
+    _check_int8_device(next(model.parameters()).device)
+    model = _folded(model, inplace=inplace, channels_last=True)
+    for name in load_programs(model, directory):
+        if compile:
+            compile_for_inference(model.get_submodule(name))
+    return model
+
+
+def _folded(model: Model, *, inplace: bool, channels_last: bool) -> Model:
+    """``model`` (or a copy) in eval mode, without gradients, its norms folded, flagged as no checkpoint."""
+    model = model if inplace else copy.deepcopy(model)
+    model.eval().requires_grad_(False)
+    mark_optimized_for_inference(model)
+    _fold_batch_norms(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     return model
 
 
