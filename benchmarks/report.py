@@ -111,7 +111,7 @@ def _case_row(case: CaseResult, training: bool) -> tuple[str, ...]:
         f"{case.images_per_s:.1f}",
         f"{case.speedup:.2f}x",
         f"{case.gflops_per_s:.0f}",
-        f"{case.fraction_of_peak:.0%}",
+        _figure(case.fraction_of_peak, ".0%"),
         _figure(case.max_relative_diff, ".1e"),
         _figure(case.min_cosine, ".4f"),
         f"{case.first_call_s:.1f}",

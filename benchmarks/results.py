@@ -19,7 +19,7 @@ class CaseResult:
     images_per_s: float
     speedup: float
     gflops_per_s: float
-    fraction_of_peak: float
+    fraction_of_peak: float | None  # None: int8, whose matmul peak is not measured
     max_relative_diff: float | None  # from the reference's outputs, as a fraction of the feature scale
     tolerance: float | None  # None: int8, checked by cosine similarity instead
     min_cosine: float | None  # the accuracy column: cosine similarity to the reference's (dense) outputs

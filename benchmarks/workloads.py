@@ -158,7 +158,7 @@ def case_results(
 ) -> list[CaseResult]:
     """Every timed (library, mode) case's figures, in timing order (a mode has a ``name``, a ``dtype`` and
     ``compile``): throughput, speedup over the reference, efficiency against the matmul peak of its dtype
-    measured in the same rounds; a compiled mode's uncompiled twin and graph cache counts."""
+    measured in the same rounds (none for int8); a compiled mode's uncompiled twin and graph cache counts."""
     results = []
     for (library, mode), timing in timings.items():
         dtype = str(mode.dtype).removeprefix("torch.")
@@ -176,7 +176,7 @@ def case_results(
                 images_per_s=batch / timing.median,
                 speedup=timings[reference].median / timing.median,
                 gflops_per_s=flops / timing.median / 1e9,
-                fraction_of_peak=flops / timing.median / 1e9 / peaks[dtype],
+                fraction_of_peak=flops / timing.median / 1e9 / peaks[dtype] if dtype in peaks else None,
                 max_relative_diff=agreements[library, mode].max_relative_diff,
                 tolerance=tolerance_for(mode.dtype),
                 min_cosine=agreements[library, mode].min_cosine,

@@ -4,30 +4,42 @@ shared, and the suite's numbers belong on the page it generates (``--report``), 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from tqdm import tqdm
 
-from resnet_backbone import computes_bf16_natively
+from resnet_backbone import computes_bf16_natively, computes_int8_natively
+from resnet_backbone.benchmarks.agreement import Agreement
 from resnet_backbone.benchmarks.compiled import FirstCall, find_slow_compiled, uncompiled_twin
 from resnet_backbone.benchmarks.counters import peak_memory_bytes
-from resnet_backbone.benchmarks.dense import DEFAULT_WORKLOADS, FINETUNE_MODES, OUR_INFERENCE_MODES, cases_for
+from resnet_backbone.benchmarks.dense import (
+    DEFAULT_WORKLOADS,
+    FINETUNE_MODES,
+    OUR_INFERENCE_MODES,
+    cases_for,
+)
 from resnet_backbone.benchmarks.machine import RELEVANT_CPU_FLAGS, describe_machine
 from resnet_backbone.benchmarks.modes import (
     EAGER_FP32,
     FAST_PATH_BF16,
     FAST_PATH_BF16_COMPILED,
     FAST_PATH_FP32,
+    FAST_PATH_INT8,
     FAST_PATH_MODES,
     HEADLINE_CASES,
     LIBRARY_MODES,
     PEER_COMPILED,
+    calibration_inputs,
+    random_batch,
+    why_not_run,
 )
 from resnet_backbone.benchmarks.page import format_page
 from resnet_backbone.benchmarks.report import write_json
@@ -295,7 +307,8 @@ def test_a_compiled_mode_slower_than_its_uncompiled_twin_is_flagged_in_the_json_
     first_calls = {case: FirstCall(1.0, graph_cache) for case in timings}
     reference = ("resnet_backbone", EAGER_FP32)
     peaks = {"float32": 300.0, "bfloat16": 1500.0}
-    cases = case_results(timings, reference, 4, 10**10, peaks, first_calls, dict.fromkeys(timings, 0.0), {})
+    agreements = dict.fromkeys(timings, Agreement(0.0, 1.0))
+    cases = case_results(timings, reference, 4, 10**10, peaks, first_calls, agreements, {})
     assert [case.fx_graph_cache for case in cases] == [None, None, graph_cache, None, graph_cache]
 
     (flag,) = find_slow_compiled(cases)
@@ -333,3 +346,51 @@ def test_a_compiled_mode_records_its_twin_and_whether_its_graphs_came_from_the_c
     assert compiled.uncompiled_twin == "fast path fp32"
     assert set(compiled.fx_graph_cache) == {"hit", "miss", "bypass"} and sum(compiled.fx_graph_cache.values()) >= 1
     assert [flag.case for flag in result.slow_compiled] in ([], ["resnet_backbone fast path fp32 compiled"])
+
+
+def test_int8_modes_run_where_int8_is_native_and_torchao_is_installed_or_are_skipped_with_the_reason(monkeypatch):
+    """In --full, with the compiled modes: our int8 fast path in the backbone and the dense inference suites."""
+    settings, _, dense = select(build_parser("bench").parse_args(["--full"]))
+    backbone = plan(settings, CPU)[0]
+    fasterrcnn_cases, fasterrcnn_skipped = cases_for(dense[0], "torchvision", compile=True, full=True, device=CPU)
+    int8 = OUR_INFERENCE_MODES[-1]
+    assert (int8.name, int8.dtype) == (FAST_PATH_INT8.name, torch.int8)
+    if computes_int8_natively() and importlib.util.find_spec("torchao"):
+        assert ("resnet_backbone", FAST_PATH_INT8) in backbone.cases and ("resnet_backbone", int8) in fasterrcnn_cases
+    else:
+        assert "resnet_backbone fast path int8 compiled" in dict(backbone.skipped)
+        assert "resnet_backbone fast path int8 compiled" in fasterrcnn_skipped
+
+    assert why_not_run(torch.int8, True, compile=True, device=torch.device("cuda")) == (
+        "this cuda has no native int8 (VNNI or AMX-INT8)"
+    )
+    assert why_not_run(torch.int8, True, compile=False, device=CPU) in (
+        "compiled modes not run (--no-compile or --smoke)",
+        "this cpu has no native int8 (VNNI or AMX-INT8)",
+    )
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without torchao imports
+    if computes_int8_natively():
+        assert why_not_run(torch.int8, True, compile=True, device=CPU) == (
+            "torchao, which quantizes to int8, is not installed"
+        )
+
+
+@pytest.mark.slow
+def test_int8_is_calibrated_on_other_inputs_and_checked_by_cosine_similarity():
+    """Its max difference is recorded but not bounded; its cosine similarity to the float32 reference is."""
+    from resnet_backbone.benchmarks.peers import build_peers
+    from resnet_backbone.benchmarks.workloads import Workload, run_workload
+
+    if why_not_run(torch.int8, True, compile=True, device=CPU):
+        pytest.skip(why_not_run(torch.int8, True, compile=True, device=CPU))
+    cases = (("torchvision", EAGER_FP32), ("resnet_backbone", FAST_PATH_INT8))
+    workload = Workload("inference", "resnet18", 2, 64, cases)
+    result = run_workload(
+        workload, build_peers("resnet18"), rounds=1, warmup=0, matmul_size=8, device=CPU, progress=tqdm(disable=True)
+    )
+    eager, int8 = result.cases
+    assert eager.min_cosine == pytest.approx(1.0) and eager.min_cosine_required is None
+    assert (int8.dtype, int8.tolerance, int8.min_cosine_required, int8.fraction_of_peak) == ("int8", None, 0.99, None)
+    assert 0.99 <= int8.min_cosine < 1.0 and int8.max_relative_diff > 0
+    assert int8.uncompiled_twin is None  # int8 always runs compiled
+    assert [random_batch((1, 2), seed) for seed in (1, 2)] == calibration_inputs(partial(random_batch, (1, 2)))[:2]
