@@ -161,14 +161,11 @@ def build_pair(workload: DenseWorkload) -> tuple[str, nn.Module, nn.Module]:
 
 def with_small_box_deltas(model: nn.Module) -> nn.Module:
     """Box regression weights of a trained detector's size: random ones put boxes at the clamp of the deltas'
-    exp, where a difference in the last bit of a feature moves a box by pixels and no check could pass. The
-    convolutional heads (RPN, RetinaNet, FCOS; torchvision initialises them with std 0.01) by a tenth, to deltas
-    of about 1; the RoI head's linear layer (initialised as any layer) by a hundredth. Smaller deltas than a
-    trained detector's would leave int8, whose error follows each tensor's range, nothing but rounding noise."""
+    exp, where a difference in the last bit of a feature moves a box by pixels and no check could pass."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith(("bbox_pred.weight", "bbox_reg.weight")):
-                parameter.mul_(0.1 if parameter.dim() == 4 else 0.01)
+                parameter.mul_(0.01)
     return model
 
 
@@ -364,7 +361,8 @@ def _parts_replaced(model: nn.Module, stand_in: Callable[[str, nn.Module], nn.Mo
 
 
 class _Recorded(_StandIn):
-    """Stands in for one part during a checked call: runs it and keeps its outputs' tensors."""
+    """Stands in for one part during a checked call: runs it and keeps its output, all its tensors flattened
+    into one vector (an RPN's box deltas, near zero next to its objectness, count for as little as they weigh)."""
 
     def __init__(self, part: nn.Module, outputs: list[torch.Tensor]) -> None:
         super().__init__(part)
@@ -372,14 +370,15 @@ class _Recorded(_StandIn):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.part(*args, **kwargs)
-        self.outputs += [leaf.detach() for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
+        leaves = [leaf.detach().flatten() for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
+        self.outputs.append(torch.cat([leaf.float() for leaf in leaves]))
         return output
 
 
 @contextmanager
 def _dense_outputs_recorded(model: nn.Module, workload: DenseWorkload) -> Iterator[list[torch.Tensor]]:
-    """The tensors a detector's dense parts output in the calls inside the block, in call order (a detector's
-    detections can change with any feature; its dense outputs change by as much as the features do)."""
+    """The outputs of a detector's dense parts in the calls inside the block, one vector per call (a
+    detector's detections can change with any feature; its dense outputs change by as much as the features do)."""
     outputs: list[torch.Tensor] = []
     if workload.task != "detection":
         yield outputs
