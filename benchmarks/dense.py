@@ -8,10 +8,8 @@ detections (boxes to 1e-3 of the image scale, the same labels), the same logits,
 from __future__ import annotations
 
 import copy
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -40,7 +38,6 @@ from resnet_backbone.adapters.torchvision import (
     load_torchvision_weights,
 )
 from resnet_backbone.inference import compile_for_inference
-from resnet_backbone.torch_compat import tree_flatten, tree_unflatten
 from resnet_backbone.weights import to_canonical
 
 from .agreement import Agreement, checked_min_cosine
@@ -48,6 +45,7 @@ from .compiled import find_slow_compiled, first_call
 from .counters import count_flops, peak_memory_bytes
 from .machine import matmul_runs
 from .modes import calibration_inputs, min_cosine_for, tolerance_for, why_not_run
+from .parts import recorded_outputs, time_parts
 from .peers import OURS
 from .results import WorkloadResult
 from .timing import time_interleaved
@@ -271,7 +269,8 @@ def run_dense_workload(
     for case in cases:
         library, mode = case
         run, prepared[case] = prepare(workload, mode, models[library], inputs)
-        with _dense_outputs_recorded(prepared[case], workload) as dense_outputs:
+        recording = recorded_outputs(prepared[case]) if workload.task == "detection" else nullcontext([])
+        with recording as dense_outputs:
             if case == reference_case:
                 (flops, reference), first_calls[case] = first_call(partial(count_flops, run))
                 output, reference_dense_outputs = reference, dense_outputs
@@ -329,120 +328,6 @@ def _checked_agreement(
         return Agreement(difference, None)
     compared = dense_outputs if detection else ([reference["out"]], [output["out"]])
     return Agreement(difference, checked_min_cosine(*compared, min_cosine_for(dtype), case))
-
-
-class _StandIn(nn.Module):
-    """Stands in for one dense part while the caller measures it; the part's own attributes stay reachable."""
-
-    def __init__(self, part: nn.Module) -> None:
-        super().__init__()
-        self.part = part
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # the part's own methods, e.g. a head's compute_loss
-            return getattr(self.part, name)
-
-
-@contextmanager
-def _parts_replaced(model: nn.Module, stand_in: Callable[[str, nn.Module], nn.Module]) -> Iterator[None]:
-    """Each named dense part of ``model`` replaced by ``stand_in(name, part)``, and put back at the end."""
-    parts = {name: part for name, part in dense_parts(model).items() if name}
-    for name, part in parts.items():
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, stand_in(name, part))
-    try:
-        yield
-    finally:
-        for name, part in parts.items():
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attribute, part)
-
-
-class _Recorded(_StandIn):
-    """Stands in for one part during a checked call: runs it and keeps its output, all its tensors flattened
-    into one vector (an RPN's box deltas, near zero next to its objectness, count for as little as they weigh)."""
-
-    def __init__(self, part: nn.Module, outputs: list[torch.Tensor]) -> None:
-        super().__init__(part)
-        self.outputs = outputs
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        output = self.part(*args, **kwargs)
-        leaves = [leaf.detach().flatten() for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
-        self.outputs.append(torch.cat([leaf.float() for leaf in leaves]))
-        return output
-
-
-@contextmanager
-def _dense_outputs_recorded(model: nn.Module, workload: DenseWorkload) -> Iterator[list[torch.Tensor]]:
-    """The outputs of a detector's dense parts in the calls inside the block, one vector per call (a
-    detector's detections can change with any feature; its dense outputs change by as much as the features do)."""
-    outputs: list[torch.Tensor] = []
-    if workload.task != "detection":
-        yield outputs
-        return
-    with _parts_replaced(model, lambda _, part: _Recorded(part, outputs)):
-        yield outputs
-
-
-class _Timed(_StandIn):
-    """Stands in for one part during the split: runs it and adds its seconds to ``spent``; in training it also
-    notes in ``gradients_ready`` when all the gradients of its outputs have arrived: its backward pass starts."""
-
-    def __init__(self, part: nn.Module, spent: dict[str, float], gradients_ready: dict[str, float], name: str) -> None:
-        super().__init__(part)
-        self.spent, self.gradients_ready, self.name = spent, gradients_ready, name
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        output = self.part(*args, **kwargs)
-        self.spent[self.name] += time.perf_counter() - started
-        leaves, spec = tree_flatten(output)
-        tracked = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-        if tracked:
-            for i, tensor in zip(tracked, _GradientsArrive.apply(self._note, *(leaves[i] for i in tracked))):
-                leaves[i] = tensor
-        return tree_unflatten(leaves, spec)
-
-    def _note(self) -> None:
-        self.gradients_ready[self.name] = time.perf_counter()
-
-
-class _GradientsArrive(torch.autograd.Function):
-    """The identity on a part's outputs, seen only by the part's consumers (not by the part itself, whose
-    later stages may read the same tensors): its backward runs once all their gradients have arrived."""
-
-    @staticmethod
-    def forward(ctx: Any, note: Callable[[], None], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.note = note
-        return tensors
-
-    @staticmethod
-    def backward(ctx: Any, *gradients: torch.Tensor) -> tuple[Any, ...]:
-        ctx.note()
-        return (None, *gradients)
-
-
-def time_parts(model: nn.Module, run: Callable[[], Any]) -> dict[str, float]:
-    """Milliseconds of one call in each dense part; in training also in each part's backward pass (from the
-    arrival of its outputs' gradients to that of the part before it, or the end of the call); and the rest
-    (transform, anchors, NMS, RoI heads, post-processing, the loss and its backward)."""
-    spent: dict[str, float] = defaultdict(float)
-    gradients_ready: dict[str, float] = {}
-    with _parts_replaced(model, lambda name, part: _Timed(part, spent, gradients_ready, name)):
-        started = time.perf_counter()
-        run()
-        ended = time.perf_counter()
-    backward_order = sorted(gradients_ready, key=gradients_ready.get)  # the head first, the backbone last
-    ends = [gradients_ready[name] for name in backward_order[1:]] + [ended]
-    for name, end in zip(backward_order, ends):
-        spent[f"{name} backward"] = end - gradients_ready[name]
-    return {
-        **{name: seconds * 1e3 for name, seconds in spent.items()},
-        "rest": (ended - started - sum(spent.values())) * 1e3,
-    }
 
 
 def checked_difference(reference: Any, actual: Any, tolerance: float | None, case: str) -> float:
