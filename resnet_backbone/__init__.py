@@ -6,6 +6,7 @@ from typing import Any
 from . import adapter_api
 from .backbone import ResNetBackbone
 from .classification import ResNetForImageClassification, ResNetModel
+from .compiled_speed import CompiledSlowerWarning
 from .config import ResNetConfig
 from .inference import compile_for_training, computes_bf16_natively, load_quantized, optimize_for_inference
 from .layers import FrozenBatchNorm2d
@@ -20,6 +21,7 @@ __all__ = [
     "BackboneOutput",
     "BaseModelOutputWithPoolingAndNoAttention",
     "CheckpointMismatchError",
+    "CompiledSlowerWarning",
     "FrozenBatchNorm2d",
     "ImageClassifierOutputWithNoAttention",
     "LoadReport",

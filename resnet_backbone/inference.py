@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .compiled_speed import check_compiled_speed
 from .model_parts import declared_dense_parts, dense_parts, is_foldable_norm, register_dense_parts
 from .pretrained import ResNetPreTrainedModel
 from .quantization import computes_int8_natively, load_programs, quantize_parts
@@ -76,7 +77,8 @@ def optimize_for_inference(
       freezing (weights become constants, so later changes to the parameters are not seen), static shapes
       (each new input shape compiles once) and no autograd; on a CPU also with the C++ wrapper (see
       :func:`compile_for_inference`). On CUDA it also records CUDA graphs: an output is overwritten by the
-      next call, so clone what you keep.
+      next call, so clone what you keep. On a CPU, if its first calls of an input shape run clearly slower
+      than the uncompiled model, a :class:`CompiledSlowerWarning` says so once, with the fix.
 
     The dense parts of a whole model come from the adapter that builds or recognises its class (importing
     ``resnet_backbone.adapters.<framework>`` declares them, see :func:`register_dense_parts`), or from
@@ -165,7 +167,8 @@ def optimize_for_inference(
             if not whole_backbone:
                 part.register_forward_hook(torch.compiler.disable(_outputs_in_float32))
         if compile:
-            compile_for_inference(part)
+            # An int8 part's uncompiled twin simulates int8 in float32, slower than anything a user would run.
+            compile_for_inference(part, check_speed=not int8)
     return model
 
 
@@ -216,7 +219,7 @@ def load_quantized(model: Model, directory: str | os.PathLike, *, compile: bool 
     model = _folded(model, inplace=inplace, channels_last=True)
     for name in load_programs(model, directory):
         if compile:
-            compile_for_inference(model.get_submodule(name))
+            compile_for_inference(model.get_submodule(name), check_speed=False)
     return model
 
 
@@ -284,7 +287,7 @@ def computes_bf16_natively(device: torch.device | str = "cpu") -> bool:
     return cpu_computes_bf16_natively()
 
 
-def compile_for_inference(model: nn.Module) -> None:
+def compile_for_inference(model: nn.Module, *, check_speed: bool = True) -> None:
     """Compile ``model`` in place, as ``nn.Module.compile`` does, with static shapes and inductor's freezing
     (the weights become constants, folded and prepacked for the convolution kernels); on CPU also with a
     C++ wrapper, on CUDA with CUDA graphs, which remove the launch cost of each kernel.
@@ -294,9 +297,14 @@ def compile_for_inference(model: nn.Module) -> None:
 
     Freezing needs gradients disabled and inductor's global config at trace time, so every call of this model
     runs without autograd and under these settings; the rest of the process keeps its own.
+
+    ``check_speed``: time the first calls of each shape against the uncompiled model (see
+    :func:`~resnet_backbone.compiled_speed.check_compiled_speed`).
     """
     on_cuda = next(model.parameters()).is_cuda
     compile_without_autograd(model, {"freezing": True, "cpp_wrapper": not on_cuda, "triton.cudagraphs": on_cuda})
+    if check_speed:
+        check_compiled_speed(model)
 
 
 def _fold_batch_norms(model: nn.Module) -> None:

@@ -67,6 +67,13 @@ def cpu_computes_bf16_natively() -> bool:
     return avx512_bf16() or amx()
 
 
+def _check_call_impls(model: nn.Module, purpose: str) -> None:
+    """The error that names nn.Module's private call attributes, where a torch release changed them."""
+    missing = [name for name in ("_call_impl", "_compiled_call_impl") if not hasattr(model, name)]
+    if missing:
+        raise _changed(f"torch.nn.Module.{missing[0]}", purpose)
+
+
 def compile_without_autograd(model: nn.Module, inductor_config: dict[str, Any]) -> None:
     """Compile ``model`` in place as ``nn.Module.compile(dynamic=False)`` does, so that every call runs without
     autograd and under ``inductor_config`` (e.g. ``{"freezing": True}``).
@@ -80,11 +87,41 @@ def compile_without_autograd(model: nn.Module, inductor_config: dict[str, Any]) 
     unknown = [name for name in inductor_config if not hasattr(config, name)]
     if unknown:
         raise _changed(f"torch._inductor.config.{unknown[0]}", purpose)
-    missing = [name for name in ("_call_impl", "_compiled_call_impl") if not hasattr(model, name)]
-    if missing:
-        raise _changed(f"torch.nn.Module.{missing[0]}", purpose)
+    _check_call_impls(model, purpose)
     compiled: Callable[..., Any] = torch.compile(model._call_impl, dynamic=False)
     model._compiled_call_impl = config.patch(inductor_config)(torch.no_grad()(compiled))
+
+
+def wrap_compiled_call(
+    model: nn.Module, wrap: Callable[[Callable[..., Any], Callable[..., Any]], Callable[..., Any]]
+) -> None:
+    """Replace the compiled call of ``model`` (compiled by :func:`compile_without_autograd`) by
+    ``wrap(compiled call, eager call)``, e.g. to time the two. The eager call is the model's own uncompiled
+    call, its ``forward`` with its hooks, without autograd.
+
+    Raises:
+        TypeError: ``model`` is not compiled.
+    """
+    purpose = "compare a compiled model's calls with its uncompiled forward"
+    _check_call_impls(model, purpose)
+    if model._compiled_call_impl is None:
+        raise TypeError(f"{type(model).__name__} is not compiled: compile it with compile_without_autograd first.")
+    model._compiled_call_impl = wrap(model._compiled_call_impl, torch.no_grad()(model._call_impl))
+
+
+def inductor_cache_dir() -> str:
+    """The folder where inductor caches compiled code (its FX-graph cache included): ``TORCHINDUCTOR_CACHE_DIR``,
+    or inductor's default."""
+    configured = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if configured:
+        return os.path.abspath(configured)
+    purpose = "name inductor's cache folder"
+    try:
+        from torch._inductor.runtime import cache_dir_utils
+    except ImportError:
+        raise _changed("torch._inductor.runtime.cache_dir_utils", purpose) from None
+    default_cache_dir = _private(cache_dir_utils, "torch._inductor.runtime.cache_dir_utils.default_cache_dir", purpose)
+    return os.path.abspath(default_cache_dir())
 
 
 def allocation_events(profiler: torch.profiler.profile, device_type: str) -> list[tuple[int, int, int]]:
@@ -103,22 +140,11 @@ def allocation_events(profiler: torch.profiler.profile, device_type: str) -> lis
     return found
 
 
-_GRAPH_CACHE = "tell whether a compiled graph came from inductor's cache"
-
-
-def inductor_cache_dir() -> str:
-    """The folder inductor caches compiled graphs in: ``TORCHINDUCTOR_CACHE_DIR``, else inductor's default (one
-    per user under the temporary folder). Read without creating it, as inductor would on its first compile."""
-    runtime = _private(_private(torch, "torch._inductor", _GRAPH_CACHE), "torch._inductor.runtime", _GRAPH_CACHE)
-    utils = _private(runtime, "torch._inductor.runtime.cache_dir_utils", _GRAPH_CACHE)
-    default = _private(utils, "torch._inductor.runtime.cache_dir_utils.default_cache_dir", _GRAPH_CACHE)
-    return os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default())
-
-
 def fx_graph_cache_counts() -> dict[str, int]:
     """How many graphs inductor's FX graph cache has, in this process so far, served from the cache (``hit``),
     compiled and stored (``miss``) and compiled without caching (``bypass``): the difference over a first call
     says whether its compiled code came from the cache."""
-    utils = _private(_private(torch, "torch._dynamo", _GRAPH_CACHE), "torch._dynamo.utils", _GRAPH_CACHE)
-    inductor = _private(utils, "torch._dynamo.utils.counters", _GRAPH_CACHE)["inductor"]
+    purpose = "tell whether a compiled graph came from inductor's cache"
+    utils = _private(_private(torch, "torch._dynamo", purpose), "torch._dynamo.utils", purpose)
+    inductor = _private(utils, "torch._dynamo.utils.counters", purpose)["inductor"]
     return {outcome: inductor[f"fxgraph_cache_{outcome}"] for outcome in ("hit", "miss", "bypass")}

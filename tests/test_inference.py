@@ -18,6 +18,7 @@ from resnet_backbone import (
     computes_bf16_natively,
     optimize_for_inference,
 )
+from resnet_backbone.compiled_speed import CALLS_TIMED, CHECK_VARIABLE, CompiledSpeedCheck
 from resnet_backbone.layers import NORM_TYPES, ConvLayer
 from resnet_backbone.torch_compat import compile_without_autograd
 
@@ -209,6 +210,26 @@ def test_compiled_fast_path_matches_original_for_both_memory_formats():
     optimized.encoder.stages[-1].layers[-1].layer[-1].convolution.weight.mul_(2)
     assert torch.equal(optimized(pixel_values).feature_maps[-1], frozen), "weights are constants, as documented"
     assert not torch._inductor.config.freezing, "freezing applies to this model's calls, not to the process"
+
+
+@pytest.mark.slow
+def test_the_compiled_fast_path_times_itself_against_its_uncompiled_twin_and_returns_the_compiled_outputs(
+    monkeypatch,
+):
+    """Calls 2 to 4 of each input shape also run the uncompiled forward; whether that warns depends on the
+    load of the machine, so only the outputs and the calls the check saw are asserted."""
+    monkeypatch.delenv(CHECK_VARIABLE, raising=False)
+    original = backbone(**TINY_BASIC)
+    optimized, uncompiled = optimize_for_inference(original, compile=True), optimize_for_inference(original)
+    check = optimized._compiled_call_impl
+    assert isinstance(check, CompiledSpeedCheck)
+    generator = torch.Generator().manual_seed(3)
+    for size in (64, 96):
+        pixel_values = torch.randn(1, 3, size, size, generator=generator)
+        reference = uncompiled(pixel_values)
+        for _ in range(CALLS_TIMED + 2):
+            assert_same_features(reference, optimized(pixel_values), FLOAT32_TOLERANCE)
+    assert check.warned or list(check.calls.values()) == [CALLS_TIMED + 2] * 2
 
 
 def test_a_private_torch_api_that_changed_is_named_with_the_torch_version(monkeypatch):
