@@ -326,7 +326,7 @@ def _checked_agreement(
     difference = None if tolerance is None and detection else checked_difference(reference, output, tolerance, case)
     if workload.task == "finetune":
         return Agreement(difference, None)
-    compared = dense_outputs if detection else ([reference["out"]], [output["out"]])
+    compared = dense_outputs if detection else ([_logits(reference)], [_logits(output)])
     return Agreement(difference, checked_min_cosine(*compared, min_cosine_for(dtype), case))
 
 
@@ -338,8 +338,7 @@ def checked_difference(reference: Any, actual: Any, tolerance: float | None, cas
         difference = max((_detection_difference(e, a) for e, a in zip(reference, actual, strict=True)), default=0.0)
         tolerance = max(tolerance, 1e-3)  # boxes may move by 1e-3 of the image scale, about a pixel
     else:
-        expected = reference["out"] if isinstance(reference, dict) else reference
-        output = actual["out"] if isinstance(actual, dict) else actual
+        expected, output = _logits(reference), _logits(actual)
         if expected.shape != output.shape:
             raise RuntimeError(f"{case}: output shape {tuple(output.shape)} differs from the reference's.")
         difference = ((expected.float() - output.float()).abs().max() / expected.abs().max()).item()
@@ -349,6 +348,11 @@ def checked_difference(reference: Any, actual: Any, tolerance: float | None, cas
             "a model that computes something else is not timed."
         )
     return difference
+
+
+def _logits(output: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """A segmenter's logits (torchvision's under ``"out"``, smp's as they come), or a loss as it is."""
+    return output["out"] if isinstance(output, dict) else output
 
 
 def _detection_difference(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> float:
