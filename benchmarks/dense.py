@@ -8,10 +8,10 @@ detections (boxes to 1e-3 of the image scale, the same labels), the same logits,
 from __future__ import annotations
 
 import copy
-import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -38,18 +38,20 @@ from resnet_backbone.adapters.torchvision import (
     load_torchvision_weights,
 )
 from resnet_backbone.inference import compile_for_inference
-from resnet_backbone.torch_compat import tree_flatten, tree_unflatten
 from resnet_backbone.weights import to_canonical
 
+from .agreement import Agreement, checked_min_cosine
+from .compiled import find_slow_compiled, first_call
 from .counters import count_flops, peak_memory_bytes
 from .machine import matmul_runs
-from .modes import tolerance_for, why_not_run
+from .modes import calibration_inputs, min_cosine_for, tolerance_for, why_not_run
+from .parts import recorded_outputs, time_parts
+from .peers import OURS
 from .results import WorkloadResult
 from .timing import time_interleaved
 from .workloads import case_results
 
 TASKS = ("detection", "segmentation", "finetune")
-OURS = "resnet_backbone"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ OUR_INFERENCE_MODES = (
     DenseMode("fast path fp32", fast_path=True, channels_last=True),
     DenseMode("fast path fp32 compiled", fast_path=True, channels_last=True, compile=True),
     DenseMode("fast path bf16 compiled", fast_path=True, channels_last=True, compile=True, dtype=torch.bfloat16),
+    DenseMode("fast path int8 compiled", fast_path=True, channels_last=True, compile=True, dtype=torch.int8),
 )
 FINETUNE_MODES = (EAGER, DenseMode("compiled channels_last", fast_path=True, channels_last=True, compile=True))
 
@@ -102,9 +105,24 @@ DEFAULT_WORKLOADS = (
 )
 
 
-def smoke_workloads() -> tuple[DenseWorkload, ...]:
-    """The same models at 64 pixels, batch 1 or 2: the pipeline end to end, in seconds."""
-    return tuple(DenseWorkload(w.task, w.model, min(w.batch, 2), 64, 64) for w in DEFAULT_WORKLOADS)
+def select_workloads(tasks: Sequence[str], *, full: bool, smoke: bool) -> list[DenseWorkload]:
+    """The workloads of ``tasks``: all of them with ``full``, else the first (the headline) of each task; with
+    ``smoke`` the same models at 64 pixels, batch 1 or 2 (the pipeline end to end, in seconds).
+
+    Args:
+        tasks: names from :data:`TASKS`; others select nothing.
+        full: every workload of each task, not only its first.
+        smoke: tiny inputs instead of the sizes the models run at in practice.
+
+    Returns:
+        The workloads in :data:`DEFAULT_WORKLOADS`' order.
+    """
+    chosen = [w for w in DEFAULT_WORKLOADS if w.task in tasks]
+    if not full:
+        chosen = [w for w in chosen if w == next(first for first in chosen if first.task == w.task)]
+    if smoke:
+        chosen = [DenseWorkload(w.task, w.model, min(w.batch, 2), 64, 64) for w in chosen]
+    return chosen
 
 
 def build_pair(workload: DenseWorkload) -> tuple[str, nn.Module, nn.Module]:
@@ -149,8 +167,10 @@ def with_small_box_deltas(model: nn.Module) -> nn.Module:
     return model
 
 
-def inputs_for(workload: DenseWorkload) -> Any:
-    generator = torch.Generator().manual_seed(0)
+def inputs_for(workload: DenseWorkload, seed: int = 0) -> Any:
+    """The model's inputs (a batch, a list of images, or those and the targets in training), random from
+    ``seed``: 0 for the timed call, others for int8's calibration."""
+    generator = torch.Generator().manual_seed(seed)
     shape = (workload.batch, 3, workload.height, workload.width)
     images = torch.rand(shape, generator=generator)
     if workload.task == "segmentation":
@@ -162,12 +182,16 @@ def inputs_for(workload: DenseWorkload) -> Any:
     return list(images) if workload.task == "detection" else (list(images), targets)
 
 
-def cases_for(workload: DenseWorkload, peer: str, compile: bool, device: torch.device) -> tuple[list, dict[str, str]]:
-    """The (library, mode) cases, the peer's eager float32 first; and the skipped ones with the reason."""
+def cases_for(
+    workload: DenseWorkload, peer: str, *, compile: bool, full: bool, device: torch.device
+) -> tuple[list, dict[str, str]]:
+    """The (library, mode) cases, the peer's eager float32 first (the uncompiled ones only unless ``full``: the
+    quick default compiles no whole model); and the skipped ones with the reason."""
     if workload.task == "finetune":
         cases = [(library, mode) for library in (peer, OURS) for mode in FINETUNE_MODES]
     else:
         cases = [(peer, mode) for mode in PEER_INFERENCE_MODES] + [(OURS, mode) for mode in OUR_INFERENCE_MODES]
+    cases = cases if full else [case for case in cases if not case[1].compile]
     reasons = {case: why_not_run(case[1].dtype, case[1].compile, compile=compile, device=device) for case in cases}
     skipped = {f"{library} {mode.name}": why for (library, mode), why in reasons.items() if why is not None}
     return [case for case in cases if reasons[case] is None], skipped
@@ -196,7 +220,10 @@ def prepare(
 
         return step, model
     if mode.fast_path:
-        model = optimize_for_inference(model, dtype=mode.dtype, compile=mode.compile)
+        options = {}
+        if mode.dtype == torch.int8:
+            options["calibration"] = calibration_inputs(partial(inputs_for, workload))
+        model = optimize_for_inference(model, dtype=mode.dtype, compile=mode.compile, **options)
     else:
         model = copy.deepcopy(model).eval()
         if mode.channels_last:
@@ -223,6 +250,7 @@ def run_dense_workload(
     workload: DenseWorkload,
     *,
     compile: bool,
+    full: bool,
     rounds: int,
     matmul_size: int,
     device: torch.device,
@@ -235,22 +263,22 @@ def run_dense_workload(
     peer, theirs, ours = build_pair(workload)
     models = {peer: theirs.to(device), OURS: ours.to(device)}
     inputs = inputs_for(workload)
-    cases, skipped = cases_for(workload, peer, compile, device)
+    cases, skipped = cases_for(workload, peer, compile=compile, full=full, device=device)
     reference_case = cases[0]
-    runs, prepared, first_call_s, differences = {}, {}, {}, {}
+    runs, prepared, first_calls, agreements = {}, {}, {}, {}
     for case in cases:
         library, mode = case
         run, prepared[case] = prepare(workload, mode, models[library], inputs)
-        started = time.perf_counter()
-        if case == reference_case:
-            flops, reference = count_flops(run)
-            output = reference
-        else:
-            output = run()
-        first_call_s[case] = time.perf_counter() - started
-        differences[case] = checked_difference(
-            reference, output, tolerance_for(mode.dtype), f"{workload.label}, {library} {mode.name}"
-        )
+        recording = recorded_outputs(prepared[case]) if workload.task == "detection" else nullcontext([])
+        with recording as dense_outputs:
+            if case == reference_case:
+                (flops, reference), first_calls[case] = first_call(partial(count_flops, run))
+                output, reference_dense_outputs = reference, dense_outputs
+            else:
+                output, first_calls[case] = first_call(run)
+        dense = reference_dense_outputs, dense_outputs
+        name = f"{workload.label}, {library} {mode.name}"
+        agreements[case] = _checked_agreement(workload, (reference, output), dense, mode.dtype, name)
         runs[case] = run
         progress.update()
     matmuls = matmul_runs(device, matmul_size)
@@ -263,7 +291,7 @@ def run_dense_workload(
     fastest = min((case for case in timings if case[0] == OURS), key=lambda case: timings[case].median)
     split = time_parts(prepared[fastest], runs[fastest])
     torch.compiler.reset()
-    results = case_results(timings, reference_case, workload.batch, flops, peaks, first_call_s, differences, memory)
+    results = case_results(timings, reference_case, workload.batch, flops, peaks, first_calls, agreements, memory)
     return WorkloadResult(
         label=workload.label,
         kind=workload.task,
@@ -277,99 +305,54 @@ def run_dense_workload(
         cases=results,
         skipped=skipped,
         part_split_ms={"mode": f"{fastest[0]} {fastest[1].name}", **split},
+        slow_compiled=find_slow_compiled(results),
     )
 
 
-class _Timed(nn.Module):
-    """Stands in for one part during the split: runs it and adds its seconds to ``spent``; in training it also
-    notes in ``gradients_ready`` when all the gradients of its outputs have arrived: its backward pass starts."""
-
-    def __init__(self, part: nn.Module, spent: dict[str, float], gradients_ready: dict[str, float], name: str) -> None:
-        super().__init__()
-        self.part, self.spent, self.gradients_ready, self.name = part, spent, gradients_ready, name
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # the part's own methods, e.g. a head's compute_loss
-            return getattr(self.part, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        output = self.part(*args, **kwargs)
-        self.spent[self.name] += time.perf_counter() - started
-        leaves, spec = tree_flatten(output)
-        tracked = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-        if tracked:
-            for i, tensor in zip(tracked, _GradientsArrive.apply(self._note, *(leaves[i] for i in tracked))):
-                leaves[i] = tensor
-        return tree_unflatten(leaves, spec)
-
-    def _note(self) -> None:
-        self.gradients_ready[self.name] = time.perf_counter()
+def _checked_agreement(
+    workload: DenseWorkload,
+    outputs: tuple[Any, Any],
+    dense_outputs: tuple[list[torch.Tensor], list[torch.Tensor]],
+    dtype: torch.dtype,
+    case: str,
+) -> Agreement:
+    """A case's outputs against the reference's: the max difference (detections, logits, loss) within its
+    tolerance, except int8's detections, which may differ in labels; the least cosine similarity of the dense
+    outputs (a detector's dense parts', a segmenter's logits; none for a training step's loss), checked for int8.
+    """
+    reference, output = outputs
+    tolerance = tolerance_for(dtype)
+    detection = workload.task == "detection"
+    difference = None if tolerance is None and detection else checked_difference(reference, output, tolerance, case)
+    if workload.task == "finetune":
+        return Agreement(difference, None)
+    compared = dense_outputs if detection else ([_logits(reference)], [_logits(output)])
+    return Agreement(difference, checked_min_cosine(*compared, min_cosine_for(dtype), case))
 
 
-class _GradientsArrive(torch.autograd.Function):
-    """The identity on a part's outputs, seen only by the part's consumers (not by the part itself, whose
-    later stages may read the same tensors): its backward runs once all their gradients have arrived."""
-
-    @staticmethod
-    def forward(ctx: Any, note: Callable[[], None], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.note = note
-        return tensors
-
-    @staticmethod
-    def backward(ctx: Any, *gradients: torch.Tensor) -> tuple[Any, ...]:
-        ctx.note()
-        return (None, *gradients)
-
-
-def time_parts(model: nn.Module, run: Callable[[], Any]) -> dict[str, float]:
-    """Milliseconds of one call in each dense part; in training also in each part's backward pass (from the
-    arrival of its outputs' gradients to that of the part before it, or the end of the call); and the rest
-    (transform, anchors, NMS, RoI heads, post-processing, the loss and its backward)."""
-    parts = {name: part for name, part in dense_parts(model).items() if name}
-    spent: dict[str, float] = defaultdict(float)
-    gradients_ready: dict[str, float] = {}
-    for name, part in parts.items():
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, _Timed(part, spent, gradients_ready, name))
-    try:
-        started = time.perf_counter()
-        run()
-        ended = time.perf_counter()
-    finally:
-        for name, part in parts.items():
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attribute, part)
-    backward_order = sorted(gradients_ready, key=gradients_ready.get)  # the head first, the backbone last
-    ends = [gradients_ready[name] for name in backward_order[1:]] + [ended]
-    for name, end in zip(backward_order, ends):
-        spent[f"{name} backward"] = end - gradients_ready[name]
-    return {
-        **{name: seconds * 1e3 for name, seconds in spent.items()},
-        "rest": (ended - started - sum(spent.values())) * 1e3,
-    }
-
-
-def checked_difference(reference: Any, actual: Any, tolerance: float, case: str) -> float:
+def checked_difference(reference: Any, actual: Any, tolerance: float | None, case: str) -> float:
     """The largest difference from the reference: detections matched by label and box (any order among
-    equal scores), logits and losses as a fraction of their scale; raise past ``tolerance``."""
+    equal scores), logits and losses as a fraction of their scale; raise past ``tolerance`` (None: not
+    checked, int8)."""
     if isinstance(reference, list):  # detections, one dict per image
         difference = max((_detection_difference(e, a) for e, a in zip(reference, actual, strict=True)), default=0.0)
         tolerance = max(tolerance, 1e-3)  # boxes may move by 1e-3 of the image scale, about a pixel
     else:
-        expected = reference["out"] if isinstance(reference, dict) else reference
-        output = actual["out"] if isinstance(actual, dict) else actual
+        expected, output = _logits(reference), _logits(actual)
         if expected.shape != output.shape:
             raise RuntimeError(f"{case}: output shape {tuple(output.shape)} differs from the reference's.")
         difference = ((expected.float() - output.float()).abs().max() / expected.abs().max()).item()
-    if not difference <= tolerance:
+    if tolerance is not None and not difference <= tolerance:
         raise RuntimeError(
             f"{case}: outputs differ from the reference by {difference:.3g} of their scale (tolerance {tolerance:g}); "
             "a model that computes something else is not timed."
         )
     return difference
+
+
+def _logits(output: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """A segmenter's logits (torchvision's under ``"out"``, smp's as they come), or a loss as it is."""
+    return output["out"] if isinstance(output, dict) else output
 
 
 def _detection_difference(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> float:

@@ -15,7 +15,8 @@ from resnet_backbone import ResNetBackbone
 
 ARCHITECTURES = ("resnet18", "resnet50", "resnet101")
 REFERENCE_LIBRARY = "torchvision"
-LIBRARIES = (REFERENCE_LIBRARY, "resnet_backbone", "timm", "transformers")
+OURS = "resnet_backbone"
+LIBRARIES = (REFERENCE_LIBRARY, OURS, "timm", "transformers")
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 

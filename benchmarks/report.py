@@ -9,10 +9,11 @@ from pathlib import Path
 from resnet_backbone.weights.files import atomic_write
 
 from .machine import processor
+from .modes import INT8_MIN_COSINE
 from .results import CaseResult, SuiteResult, WorkloadResult
 
 CASE_COLUMNS = ("library", "mode", "median ms", "min-max ms", "images/s", "speedup", "GFLOP/s", "% of peak")
-CASE_COLUMNS += ("max diff", "first call s")
+CASE_COLUMNS += ("max diff", "min cosine", "first call s")
 
 
 def format_report(result: SuiteResult) -> str:
@@ -44,6 +45,7 @@ def format_tables(result: SuiteResult) -> str:
     for architecture in dict.fromkeys(workload.architecture for workload in sweep):
         blocks.append(f"{architecture} resolution sweep, batch 1: ms per image (outputs checked as above)")
         blocks.append(format_table(*_sweep_table([w for w in sweep if w.architecture == architecture])))
+    blocks += _slow_compiled_blocks(result)
     if result.targets:
         rows = [
             (t.workload, t.name, f">= {t.threshold:g}", "not run" if t.measured is None else f"{t.measured:.2f}",
@@ -52,16 +54,45 @@ def format_tables(result: SuiteResult) -> str:
         ]  # fmt: skip
         blocks += ["targets", format_table(("workload", "target", "required", "measured", "met"), rows)]
     first_calls = sum(case.first_call_s for workload in result.workloads for case in workload.cases)
-    blocks.append(f"wall time {result.wall_s:.0f} s, of which {first_calls:.0f} s in first calls (compiling included)")
+    selection = "every workload and mode (--full)" if result.settings["full"] else "the quick selection"
+    blocks.append(
+        f"wall time {result.wall_s:.0f} s, of which {first_calls:.0f} s in first calls (compiling included); "
+        f"{selection}"
+    )
     return "\n\n".join(blocks)
+
+
+def _slow_compiled_blocks(result: SuiteResult) -> list[str]:
+    """The compiled modes slower than their uncompiled twin, with where their graphs came from; a line saying
+    there are none where compiled modes ran; nothing where none did."""
+    flags = [(workload.label, flag) for workload in result.workloads for flag in workload.slow_compiled]
+    compiled = any(case.uncompiled_twin for workload in result.workloads for case in workload.cases)
+    if not flags:
+        return ["no compiled mode is slower than its uncompiled twin"] if compiled else []
+    rows = [
+        (label, flag.case, flag.twin, f"{flag.median_ms:.1f}", f"{flag.twin_median_ms:.1f}",
+         f"{flag.median_ms / flag.twin_median_ms:.2f}x", _graph_cache(flag.fx_graph_cache), flag.inductor_cache_dir,
+         str(flag.threads))
+        for label, flag in flags
+    ]  # fmt: skip
+    header = ("workload", "SLOWER compiled mode", "uncompiled twin", "median ms", "twin ms", "time ratio")
+    header += ("FX graph cache in its first call", "inductor cache dir", "threads")
+    return ["compiled modes slower than their uncompiled twin", format_table(header, rows)]
+
+
+def _graph_cache(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "not recorded"
+    return ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
 
 
 def _workload_heading(workload: WorkloadResult) -> str:
     peaks = ", ".join(f"{dtype} {gflops:.0f}" for dtype, gflops in workload.matmul_peak_gflops.items())
     return (
         f"{workload.label}: {workload.flops / 1e9:.1f} GFLOP per call; matmul peak in the same rounds (GFLOP/s): "
-        f"{peaks}. Speedup and outputs against {workload.reference}; every max diff (a fraction of the feature "
-        "scale) is within its mode's tolerance."
+        f"{peaks}. Speedup and outputs against {workload.reference}; every max diff (a fraction of the output "
+        f"scale) is within its mode's tolerance, int8's min cosine (similarity of the dense outputs) at least "
+        f"{INT8_MIN_COSINE}."
     )
 
 
@@ -80,12 +111,17 @@ def _case_row(case: CaseResult, training: bool) -> tuple[str, ...]:
         f"{case.images_per_s:.1f}",
         f"{case.speedup:.2f}x",
         f"{case.gflops_per_s:.0f}",
-        f"{case.fraction_of_peak:.0%}",
-        f"{case.max_relative_diff:.1e}",
+        _figure(case.fraction_of_peak, ".0%"),
+        _figure(case.max_relative_diff, ".1e"),
+        _figure(case.min_cosine, ".4f"),
         f"{case.first_call_s:.1f}",
     )
     memory = "n/a" if case.peak_memory_mib is None else f"{case.peak_memory_mib:.0f}"
     return cells + ((memory,) if training else ())
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _sweep_table(sweep: list[WorkloadResult]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from resnet_backbone.compiled_speed import CHECK_VARIABLE
 
-from .dense import DEFAULT_WORKLOADS, TASKS, DenseWorkload, run_dense_workload, smoke_workloads
+from .dense import TASKS, DenseWorkload, run_dense_workload, select_workloads
 from .machine import describe_machine, peak_dtypes
 from .page import write_page
 from .peers import ARCHITECTURES, build_peers
@@ -36,6 +36,8 @@ DEFAULT_RUNS = dict(
     warmup=2,
     matmul_size=2048,
 )
+ALL_TASKS = ("backbone", *TASKS)
+QUICK_TASKS = ("backbone", "detection")
 # Seconds on any machine: proves the whole pipeline (outputs checked, files written), measures nothing.
 SMOKE_RUNS = dict(
     inference_shapes=((1, 32),),
@@ -61,14 +63,23 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--tasks",
         nargs="+",
-        choices=("backbone", *TASKS),
-        default=["backbone", *TASKS],
+        choices=ALL_TASKS,
         help="backbone: the four libraries' ResNets; detection, segmentation, finetune: whole models against "
-        "torchvision's and smp's own (default: all)",
+        f"torchvision's and smp's own (default: {' '.join(QUICK_TASKS)}; with --full: all). Without --full each "
+        "task runs its headline workload only",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every workload and mode of the tasks (30+ minutes on 2 CPU cores); the default is the quick "
+        "selection: the headline backbone modes at 4x3x224x224 (compiled: our fast path bf16 only) and Faster "
+        "R-CNN inference uncompiled (minutes)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes (minutes on a CPU)")
     parser.add_argument(
-        "--smoke", action="store_true", help="tiny sizes, resnet18, no compile: checks that the suite runs"
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, resnet18, no compile, of the quick selection or of --full: checks that the suite runs",
     )
     parser.add_argument("--rounds", type=int, help=f"timed rounds per workload (default {DEFAULT_RUNS['rounds']})")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, here %(default)s)")
@@ -101,12 +112,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") 
     parser = build_parser(prog)
     args = parser.parse_args(arguments)
     _create_output_folders(parser, args)
-    runs = SMOKE_RUNS if args.smoke else DEFAULT_RUNS
-    settings = Settings(
-        architectures=("resnet18",) if args.smoke else tuple(args.models),
-        compile=not (args.smoke or args.no_compile),
-        **{**runs, "rounds": args.rounds or runs["rounds"]},
-    )
+    settings, backbone, dense = select(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads)
     # The suite compares the compiled modes with the uncompiled ones itself, and its timed rounds can be the
@@ -114,8 +120,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") 
     os.environ[CHECK_VARIABLE] = "0"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the fastest convolution algorithm for each shape
-    dense = [w for w in (smoke_workloads() if args.smoke else DEFAULT_WORKLOADS) if w.task in args.tasks]
-    result = run_suite(settings, device, backbone="backbone" in args.tasks, dense=dense)
+    result = run_suite(settings, device, backbone=backbone, dense=dense)
     write_json(result, args.output_dir / "results.json")
     write_plot(result, args.output_dir / "results.png")
     print(format_report(result))
@@ -124,6 +129,27 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") 
         write_page(result, args.report, command=" ".join((prog, *map(shlex.quote, arguments))))
         print(f"wrote {args.report}")
     return 0
+
+
+def select(args: argparse.Namespace) -> tuple[Settings, bool, list[DenseWorkload]]:
+    """What the parsed options run: the backbone settings, whether the backbone task runs, the dense workloads.
+
+    Args:
+        args: options parsed by :func:`build_parser`.
+
+    Returns:
+        ``(settings, backbone, dense)``: the quick selection of the tasks unless ``--full``, at smoke sizes with
+        ``--smoke``.
+    """
+    tasks = args.tasks or (ALL_TASKS if args.full else QUICK_TASKS)
+    runs = SMOKE_RUNS if args.smoke else DEFAULT_RUNS
+    settings = Settings(
+        architectures=("resnet18",) if args.smoke else tuple(args.models),
+        compile=not (args.smoke or args.no_compile),
+        full=args.full,
+        **{**runs, "rounds": args.rounds or runs["rounds"]},
+    )
+    return settings, "backbone" in tasks, select_workloads(tasks, full=args.full, smoke=args.smoke)
 
 
 def _create_output_folders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -174,6 +200,7 @@ def run_suite(
             measured = run_dense_workload(
                 workload,
                 compile=settings.compile,
+                full=settings.full,
                 rounds=settings.dense_rounds,
                 matmul_size=settings.matmul_size,
                 device=device,

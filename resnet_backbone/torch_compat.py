@@ -138,3 +138,13 @@ def allocation_events(profiler: torch.profiler.profile, device_type: str) -> lis
         if event.tag == allocation and event.extra_fields.device.type == device_type:
             found.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
     return found
+
+
+def fx_graph_cache_counts() -> dict[str, int]:
+    """How many graphs inductor's FX graph cache has, in this process so far, served from the cache (``hit``),
+    compiled and stored (``miss``) and compiled without caching (``bypass``): the difference over a first call
+    says whether its compiled code came from the cache."""
+    purpose = "tell whether a compiled graph came from inductor's cache"
+    utils = _private(_private(torch, "torch._dynamo", purpose), "torch._dynamo.utils", purpose)
+    inductor = _private(utils, "torch._dynamo.utils.counters", purpose)["inductor"]
+    return {outcome: inductor[f"fxgraph_cache_{outcome}"] for outcome in ("hit", "miss", "bypass")}

@@ -4,29 +4,105 @@ shared, and the suite's numbers belong on the page it generates (``--report``), 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from tqdm import tqdm
 
-from resnet_backbone import computes_bf16_natively
+from resnet_backbone import computes_bf16_natively, computes_int8_natively
+from resnet_backbone.benchmarks.agreement import Agreement
+from resnet_backbone.benchmarks.compiled import FirstCall, find_slow_compiled, uncompiled_twin
 from resnet_backbone.benchmarks.counters import peak_memory_bytes
-from resnet_backbone.benchmarks.machine import RELEVANT_CPU_FLAGS
-from resnet_backbone.benchmarks.suite import build_parser
+from resnet_backbone.benchmarks.dense import (
+    DEFAULT_WORKLOADS,
+    FINETUNE_MODES,
+    OUR_INFERENCE_MODES,
+    cases_for,
+)
+from resnet_backbone.benchmarks.machine import RELEVANT_CPU_FLAGS, describe_machine
+from resnet_backbone.benchmarks.modes import (
+    CALIBRATION_BATCHES,
+    EAGER_FP32,
+    FAST_PATH_BF16,
+    FAST_PATH_BF16_COMPILED,
+    FAST_PATH_FP32,
+    FAST_PATH_INT8,
+    FAST_PATH_MODES,
+    HEADLINE_CASES,
+    LIBRARY_MODES,
+    PEER_COMPILED,
+    calibration_inputs,
+    random_batch,
+    why_not_run,
+)
+from resnet_backbone.benchmarks.page import format_page
+from resnet_backbone.benchmarks.report import write_json
+from resnet_backbone.benchmarks.results import SuiteResult, WorkloadResult
+from resnet_backbone.benchmarks.suite import build_parser, select
+from resnet_backbone.benchmarks.timing import Timing
+from resnet_backbone.benchmarks.workloads import case_results, plan
 from resnet_backbone.cli.main import main
+from resnet_backbone.torch_compat import inductor_cache_dir
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LIBRARIES = {"torchvision", "resnet_backbone", "timm", "transformers"}
+CPU = torch.device("cpu")
+
+
+def _selection(arguments: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The labels of the backbone workloads and the (task, model) dense workloads the options run."""
+    settings, backbone, dense = select(build_parser("resnet-backbone bench").parse_args(arguments))
+    return [w.label for w in plan(settings, CPU)] if backbone else [], [(w.task, w.model) for w in dense]
+
+
+def test_the_default_is_the_quick_selection_and_full_runs_every_workload():
+    backbone, dense = _selection([])
+    assert backbone == ["resnet50 inference 4x3x224x224"] and dense == [("detection", "fasterrcnn")]
+    settings, _, _ = select(build_parser("bench").parse_args([]))
+    (inference,) = plan(settings, CPU)
+    native = [case for case in HEADLINE_CASES if computes_bf16_natively() or case[1].dtype == torch.float32]
+    assert inference.cases == tuple(native)  # every library eager, our fast path, compiled: our bf16 only
+    assert [mode for _, mode in HEADLINE_CASES if mode.compile] == [FAST_PATH_BF16_COMPILED]
+    fasterrcnn = DEFAULT_WORKLOADS[0]
+    quick_cases, _ = cases_for(fasterrcnn, "torchvision", compile=True, full=False, device=CPU)
+    assert quick_cases and not any(mode.compile for _, mode in quick_cases)  # the quick default compiles no whole model
+
+    backbone, dense = _selection(["--full"])
+    assert backbone == [
+        "resnet50 inference 4x3x224x224",
+        "resnet50 inference 1x3x640x640",
+        "resnet50 training 4x3x224x224",
+        *(f"resnet50 sweep 1x3x{size}x{size}" for size in (224, 384, 512, 640, 800, 1024)),
+    ]
+    assert dense == [(w.task, w.model) for w in DEFAULT_WORKLOADS]
+    full_cases, _ = cases_for(fasterrcnn, "torchvision", compile=True, full=True, device=CPU)
+    assert {mode for _, mode in full_cases if mode.compile} and set(quick_cases) < set(full_cases)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "backbone", "dense"),
+    [
+        (["--tasks", "segmentation"], [], [("segmentation", "deeplabv3")]),
+        (["--full", "--tasks", "segmentation"], [], [("segmentation", "deeplabv3"), ("segmentation", "unet")]),
+        (["--tasks", "backbone", "--models", "resnet18", "resnet101"],
+         ["resnet18 inference 4x3x224x224", "resnet101 inference 4x3x224x224"], []),
+        (["--smoke"], ["resnet18 inference 1x3x32x32"], [("detection", "fasterrcnn")]),
+    ],
+)  # fmt: skip
+def test_tasks_models_and_smoke_narrow_the_quick_selection_as_they_do_the_full_one(arguments, backbone, dense):
+    assert _selection(arguments) == (backbone, dense)
 
 
 @pytest.mark.slow
 def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsys):
-    assert main(["bench", "--smoke", "--tasks", "backbone", "--output-dir", str(tmp_path)]) == 0
+    assert main(["bench", "--smoke", "--full", "--tasks", "backbone", "--output-dir", str(tmp_path)]) == 0
 
     result = json.loads((tmp_path / "results.json").read_text())
     assert [w["kind"] for w in result["workloads"]] == ["inference", "training", "sweep", "sweep"]
@@ -60,7 +136,7 @@ def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsy
 @pytest.mark.slow
 def test_report_writes_a_generated_page_with_the_machine_the_command_and_the_tables(tmp_path):
     page_path = tmp_path / "docs" / "benchmarks.md"
-    arguments = ["--smoke", "--tasks", "segmentation", "--output-dir", str(tmp_path / "results dir")]
+    arguments = ["--smoke", "--full", "--tasks", "segmentation", "--output-dir", str(tmp_path / "results dir")]
     arguments += ["--report", str(page_path)]
     assert main(["bench", *arguments]) == 0
 
@@ -137,7 +213,7 @@ def test_python_m_benchmarks_runs_from_the_repository_root():
 @pytest.mark.slow
 def test_dense_smoke_run_checks_whole_segmenters_against_their_peers_and_splits_our_fastest_mode(tmp_path, capsys):
     """DeepLabV3 against torchvision's own, U-Net with a tu-rb_ encoder against smp's resnet50 encoder."""
-    assert main(["bench", "--smoke", "--tasks", "segmentation", "--output-dir", str(tmp_path)]) == 0
+    assert main(["bench", "--smoke", "--full", "--tasks", "segmentation", "--output-dir", str(tmp_path)]) == 0
 
     result = json.loads((tmp_path / "results.json").read_text())
     assert [(w["kind"], w["architecture"]) for w in result["workloads"]] == [
@@ -161,7 +237,7 @@ def test_dense_smoke_run_checks_whole_segmenters_against_their_peers_and_splits_
 def test_dense_smoke_run_checks_detectors_and_fine_tuning_steps_and_splits_the_backward_pass(tmp_path):
     """Faster R-CNN and RetinaNet detections, FCOS and DeepLabV3 training losses against torchvision's own
     models; the training split times each dense part's backward pass too."""
-    assert main(["bench", "--smoke", "--tasks", "detection", "finetune", "--output-dir", str(tmp_path)]) == 0
+    assert main(["bench", "--smoke", "--full", "--tasks", "detection", "finetune", "--output-dir", str(tmp_path)]) == 0
 
     result = json.loads((tmp_path / "results.json").read_text())
     assert [(w["kind"], w["architecture"]) for w in result["workloads"]] == [
@@ -199,3 +275,125 @@ def test_peak_memory_of_a_compiled_call_is_that_of_the_compiled_code():
     compiled = torch.compile(lambda: images.relu().relu().relu())
     compiled()
     assert peak_memory_bytes(compiled, torch.device("cpu")) == 2**20
+
+
+@pytest.mark.parametrize(
+    ("case", "cases", "twin"),
+    [
+        (("resnet_backbone", FAST_PATH_BF16_COMPILED), HEADLINE_CASES, FAST_PATH_BF16.name),
+        (("timm", PEER_COMPILED), [("timm", mode) for mode in LIBRARY_MODES], "eager bf16 autocast"),
+        (("timm", LIBRARY_MODES[-1]), [("timm", mode) for mode in LIBRARY_MODES], "eager fp32 channels_last"),
+        (("resnet_backbone", FAST_PATH_MODES[2]), [("resnet_backbone", m) for m in FAST_PATH_MODES], "fast path fp32"),
+        (("torchvision", FINETUNE_MODES[1]), [("torchvision", mode) for mode in FINETUNE_MODES], "eager fp32"),
+        (("resnet_backbone", OUR_INFERENCE_MODES[-1]), [("resnet_backbone", m) for m in OUR_INFERENCE_MODES], None),
+        (("timm", PEER_COMPILED), [("torchvision", EAGER_FP32), ("timm", PEER_COMPILED)], None),
+        (("timm", EAGER_FP32), [("timm", mode) for mode in LIBRARY_MODES], None),
+    ],
+)  # fmt: skip
+def test_a_compiled_mode_is_compared_with_the_same_library_and_precision_uncompiled(case, cases, twin):
+    """The closest uncompiled mode: the same memory format where it runs, else the same precision's eager; none
+    across libraries or precisions (our dense bf16 runs compiled only), and none for an uncompiled mode."""
+    assert uncompiled_twin(case, cases) == twin
+
+
+def test_a_compiled_mode_slower_than_its_uncompiled_twin_is_flagged_in_the_json_and_the_page(tmp_path, monkeypatch):
+    """Results built directly: the compiled fp32 fast path is slower than the uncompiled one (flagged, with the
+    graph cache counts of its first call, the inductor cache folder and the threads); bf16 compiled is faster."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor cache"))
+    fp32_compiled = FAST_PATH_MODES[2]
+    median_ms = {EAGER_FP32: 200, FAST_PATH_FP32: 100, fp32_compiled: 120, FAST_PATH_BF16: 50}
+    median_ms[FAST_PATH_BF16_COMPILED] = 30
+    timings = {("resnet_backbone", mode): Timing(ms / 1e3, ms / 1e3, ms / 1e3) for mode, ms in median_ms.items()}
+    graph_cache = {"hit": 1, "miss": 2, "bypass": 0}
+    first_calls = {case: FirstCall(1.0, graph_cache) for case in timings}
+    reference = ("resnet_backbone", EAGER_FP32)
+    peaks = {"float32": 300.0, "bfloat16": 1500.0}
+    agreements = dict.fromkeys(timings, Agreement(0.0, 1.0))
+    cases = case_results(timings, reference, 4, 10**10, peaks, first_calls, agreements, {})
+    assert [case.fx_graph_cache for case in cases] == [None, None, graph_cache, None, graph_cache]
+
+    (flag,) = find_slow_compiled(cases)
+    assert (flag.case, flag.twin) == ("resnet_backbone fast path fp32 compiled", "resnet_backbone fast path fp32")
+    assert (flag.median_ms, flag.twin_median_ms, flag.fx_graph_cache) == (120, 100, graph_cache)
+    assert flag.inductor_cache_dir == inductor_cache_dir() == str(tmp_path / "inductor cache")
+    assert flag.threads == torch.get_num_threads()
+    label = "resnet50 inference 4x3x224x224"
+    workload = WorkloadResult(label, "inference", "resnet50", 4, 224, 10**10, peaks, "resnet_backbone eager fp32",
+                              True, cases, slow_compiled=[flag])  # fmt: skip
+    result = SuiteResult(machine=describe_machine(CPU), settings={"full": True}, workloads=[workload])
+    write_json(result, tmp_path / "results.json")
+    (written,) = json.loads((tmp_path / "results.json").read_text())["workloads"][0]["slow_compiled"]
+    assert written["case"] == flag.case and written["fx_graph_cache"] == graph_cache
+
+    page = format_page(result, "resnet-backbone bench --full")
+    table = page.split("compiled modes slower than their uncompiled twin\n\n")[1].split("\n\n")[0].splitlines()
+    (row,) = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert row == [label, flag.case, flag.twin, "120.0", "100.0", "1.20x", "1 hit, 2 miss, 0 bypass",
+                   str(tmp_path / "inductor cache"), str(torch.get_num_threads())]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_compiled_mode_records_its_twin_and_whether_its_graphs_came_from_the_cache():
+    from resnet_backbone.benchmarks.peers import build_peers
+    from resnet_backbone.benchmarks.workloads import Workload, run_workload
+
+    cases = (("torchvision", EAGER_FP32), ("resnet_backbone", FAST_PATH_FP32), ("resnet_backbone", FAST_PATH_MODES[2]))
+    workload = Workload("inference", "resnet18", 1, 32, cases)
+    result = run_workload(
+        workload, build_peers("resnet18"), rounds=1, warmup=0, matmul_size=8, device=CPU, progress=tqdm(disable=True)
+    )
+    eager, fast, compiled = result.cases
+    assert (eager.uncompiled_twin, eager.fx_graph_cache, fast.uncompiled_twin) == (None, None, None)
+    assert compiled.uncompiled_twin == "fast path fp32"
+    assert set(compiled.fx_graph_cache) == {"hit", "miss", "bypass"} and sum(compiled.fx_graph_cache.values()) >= 1
+    assert [flag.case for flag in result.slow_compiled] in ([], ["resnet_backbone fast path fp32 compiled"])
+
+
+def test_int8_modes_run_where_int8_is_native_and_torchao_is_installed_or_are_skipped_with_the_reason(monkeypatch):
+    """In --full, with the compiled modes: our int8 fast path in the backbone and the dense inference suites."""
+    settings, _, dense = select(build_parser("bench").parse_args(["--full"]))
+    backbone = plan(settings, CPU)[0]
+    fasterrcnn_cases, fasterrcnn_skipped = cases_for(dense[0], "torchvision", compile=True, full=True, device=CPU)
+    int8 = OUR_INFERENCE_MODES[-1]
+    assert (int8.name, int8.dtype) == (FAST_PATH_INT8.name, torch.int8)
+    if computes_int8_natively() and importlib.util.find_spec("torchao"):
+        assert ("resnet_backbone", FAST_PATH_INT8) in backbone.cases and ("resnet_backbone", int8) in fasterrcnn_cases
+    else:
+        assert "resnet_backbone fast path int8 compiled" in dict(backbone.skipped)
+        assert "resnet_backbone fast path int8 compiled" in fasterrcnn_skipped
+
+    assert why_not_run(torch.int8, True, compile=True, device=torch.device("cuda")) == (
+        "this cuda has no native int8 (VNNI or AMX-INT8)"
+    )
+    assert why_not_run(torch.int8, True, compile=False, device=CPU) in (
+        "compiled modes not run (--no-compile or --smoke)",
+        "this cpu has no native int8 (VNNI or AMX-INT8)",
+    )
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without torchao imports
+    if computes_int8_natively():
+        assert why_not_run(torch.int8, True, compile=True, device=CPU) == (
+            "torchao, which quantizes to int8, is not installed"
+        )
+
+
+@pytest.mark.slow
+def test_int8_is_calibrated_on_other_inputs_and_checked_by_cosine_similarity():
+    """Its max difference is recorded but not bounded; its cosine similarity to the float32 reference is."""
+    from resnet_backbone.benchmarks.peers import build_peers
+    from resnet_backbone.benchmarks.workloads import Workload, run_workload
+
+    if why_not_run(torch.int8, True, compile=True, device=CPU):
+        pytest.skip(why_not_run(torch.int8, True, compile=True, device=CPU))
+    cases = (("torchvision", EAGER_FP32), ("resnet_backbone", FAST_PATH_INT8))
+    workload = Workload("inference", "resnet18", 2, 64, cases)
+    result = run_workload(
+        workload, build_peers("resnet18"), rounds=1, warmup=0, matmul_size=8, device=CPU, progress=tqdm(disable=True)
+    )
+    eager, int8 = result.cases
+    assert eager.min_cosine == pytest.approx(1.0) and eager.min_cosine_required is None
+    assert (int8.dtype, int8.tolerance, int8.min_cosine_required, int8.fraction_of_peak) == ("int8", None, 0.99, None)
+    assert 0.99 <= int8.min_cosine < 1.0 and int8.max_relative_diff > 0
+    assert int8.uncompiled_twin is None  # int8 always runs compiled
+    calibration = calibration_inputs(partial(random_batch, (1, 2)))
+    timed = random_batch((1, 2), seed=0)
+    assert len(calibration) == CALIBRATION_BATCHES and not any(torch.equal(batch, timed) for batch in calibration)
