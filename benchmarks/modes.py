@@ -64,6 +64,8 @@ def why_not_run(dtype: torch.dtype, compiled: bool, *, compile: bool, device: to
 
 
 INT8_MIN_COSINE = 0.99
+# A bf16 or float16 detector's dense outputs against float32's: rounding only, closer than int8's.
+LOW_PRECISION_MIN_COSINE = 0.995
 CALIBRATION_BATCHES = 4  # random inputs of the workload's shape, none of them the timed one
 
 EAGER_FP32 = Mode("eager fp32")
