@@ -34,6 +34,8 @@ from .torch_compat import tree_map
 MANIFEST_NAME = "quantization.json"
 # What each part runs once quantized (an attribute of the part; ``forward`` runs it).
 PROGRAM_ATTRIBUTE = "int8_program"
+# The exported program it came from, which save_quantized writes (None while calibrating).
+EXPORTED_ATTRIBUTE = "int8_exported_program"
 _FORMAT = 1
 _CAPTURE_SIDE = 256
 
@@ -191,9 +193,9 @@ def load_programs(model: nn.Module, directory: str | os.PathLike) -> list[str]:
 def quantized_programs(model: nn.Module) -> dict[str, ExportedProgram]:
     """The exported program of each quantized part of ``model``, by part name."""
     return {
-        name: module.int8_exported_program
+        name: getattr(module, EXPORTED_ATTRIBUTE)
         for name, module in model.named_modules()
-        if isinstance(getattr(module, "int8_exported_program", None), ExportedProgram)
+        if isinstance(getattr(module, EXPORTED_ATTRIBUTE, None), ExportedProgram)
     }
 
 
@@ -210,7 +212,7 @@ def _run_program(part: nn.Module, program: nn.Module, exported: ExportedProgram 
     del program.eval  # torch.export's refusal; nn.Module.eval calls train(False)
     setattr(part, PROGRAM_ATTRIBUTE, program)
     part.forward = types.MethodType(_forward_through_program, part)
-    part.int8_exported_program = exported
+    setattr(part, EXPORTED_ATTRIBUTE, exported)
 
 
 def _inference_only(self: nn.Module, mode: bool = True) -> nn.Module:
