@@ -65,6 +65,7 @@ def quantize_parts(model: nn.Module, part_names: Sequence[str], calibration: Ite
             args, kwargs = examples[name]
             captured = _export(part, args, kwargs).module()
             _name_each_call(captured)
+            _weight_of_its_own_per_call(captured)
             _run_program(part, prepare_pt2e(captured, quantizer))
         for index, sample in enumerate(samples):
             try:
@@ -255,6 +256,28 @@ def _name_each_call(graph_module: torch.fx.GraphModule) -> None:
             call = key.rpartition("@")[2] if "@" in key else ""
             if call:
                 stack[key] = (f"{name}@{call}", module_type)
+
+
+_WEIGHTED_OPERATORS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def _weight_of_its_own_per_call(graph_module: torch.fx.GraphModule) -> None:
+    """Give each call of a convolution or linear layer run more than once (a detector head's, once per feature
+    level) a copy of the weight of its own. Inductor turns dequantize-convolution into one int8 convolution only
+    where the dequantized weight feeds that convolution alone, and it merges the identical dequantizations of
+    one shared weight: a head's convolutions would then run in float32 on dequantized weights, as slowly as
+    before quantizing (measured: Faster R-CNN's RPN head at 800x1216, 562 ms int8 against 533 ms float32)."""
+    for node in list(graph_module.graph.nodes):
+        calls = [user for user in node.users if user.target in _WEIGHTED_OPERATORS and user.args[1] is node]
+        if node.op != "get_attr" or len(calls) < 2:
+            continue
+        weight = graph_module.get_parameter(node.target)
+        for index, call in enumerate(calls[1:], start=1):
+            name = f"{node.target.replace('.', '_')}_call{index}"
+            graph_module.register_parameter(name, nn.Parameter(weight.detach().clone(), requires_grad=False))
+            with graph_module.graph.inserting_before(call):
+                call.replace_input_with(node, graph_module.graph.get_attr(name))
+    graph_module.recompile()
 
 
 def _first_inputs(

@@ -63,6 +63,15 @@ def test_int8_features_follow_the_float_model_at_other_sizes(tiny_backbone, int8
         assert cosine(first, second) >= INT8_COSINE_SIMILARITY, stage
 
 
+def int8_weight_count(program: torch.export.ExportedProgram) -> int:
+    values = [*program.constants.values(), *program.state_dict.values()]
+    return sum(value.dtype == torch.int8 for value in values)
+
+
+def convolution_calls(program: torch.export.ExportedProgram) -> int:
+    return sum(node.target == torch.ops.aten.conv2d.default for node in program.graph.nodes)
+
+
 def test_int8_program_quantizes_every_convolution(tiny_backbone, int8_backbone):
     (name, program), *others = quantized_programs(int8_backbone).items()
     assert name == "" and not others  # a backbone is one dense part
@@ -70,9 +79,7 @@ def test_int8_program_quantizes_every_convolution(tiny_backbone, int8_backbone):
     convolutions = sum(isinstance(module, nn.Conv2d) for module in tiny_backbone.modules())
     assert sum("convolution" in operator or "conv2d" in operator for operator in operators) == convolutions
     assert any("quantize_per_tensor" in operator for operator in operators)
-    int8_weights = [constant for constant in program.constants.values() if constant.dtype == torch.int8]
-    int8_weights += [value for value in program.state_dict.values() if value.dtype == torch.int8]
-    assert len(int8_weights) == convolutions
+    assert int8_weight_count(program) == convolutions
     # Calibration leaves the model it was given as it was.
     assert all(parameter.dtype == torch.float32 for parameter in tiny_backbone.parameters())
 
@@ -85,7 +92,10 @@ def test_int8_detector_quantizes_the_dense_parts_and_keeps_the_rest_float32():
     calibration = [[torch.rand(3, 96, 128, generator=generator)] for _ in range(2)]
     int8 = optimize_for_inference(detector, dtype=torch.int8, calibration=calibration, compile=False)
 
-    assert set(quantized_programs(int8)) == {"backbone.body", "backbone.fpn", "rpn.head"}
+    programs = quantized_programs(int8)
+    assert set(programs) == {"backbone.body", "backbone.fpn", "rpn.head"}
+    # The RPN head runs once per feature level: each call has an int8 weight of its own (see the compiled test).
+    assert int8_weight_count(programs["rpn.head"]) == convolution_calls(programs["rpn.head"]) == 3 * 5
     assert all(parameter.dtype == torch.float32 for parameter in int8.roi_heads.parameters())
     images = torch.rand(2, 3, 128, 96, generator=generator)
     with torch.no_grad():
@@ -167,6 +177,25 @@ def test_load_quantized_refuses_folders_of_other_models(int8_backbone, tmp_path)
     (folder / MANIFEST_NAME).write_text("{}")
     with pytest.raises(ValueError, match="not a quantization manifest"):
         load_quantized(detector, folder)
+
+
+@pytest.mark.slow
+def test_a_head_run_once_per_feature_level_compiles_to_int8_convolutions():
+    """Inductor turns dequantize-convolution into an int8 convolution only where the dequantized weight feeds
+    that convolution alone; a head shares its weights across levels, and without a copy per call it would run
+    in float32 on dequantized weights."""
+    from torch._dynamo.utils import counters
+
+    backbone = ResNetBackbone.from_preset("resnet18", depths=[1, 1, 1, 1])
+    detector = randomize_norms(build_detector("fasterrcnn", backbone, num_classes=3, min_size=96, max_size=128))
+    generator = torch.Generator().manual_seed(5)
+    calibration = [[torch.rand(3, 96, 128, generator=generator)] for _ in range(2)]
+    int8 = optimize_for_inference(detector.eval(), dtype=torch.int8, calibration=calibration, parts=["rpn.head"])
+    counters.clear()
+    with torch.no_grad():
+        int8([torch.rand(3, 96, 128, generator=generator)])
+    calls = convolution_calls(quantized_programs(int8)["rpn.head"])
+    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] == calls == 3 * 5
 
 
 @pytest.mark.slow
