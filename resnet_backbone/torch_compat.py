@@ -8,6 +8,7 @@ that is still there works, whatever the release.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -148,3 +149,19 @@ def fx_graph_cache_counts() -> dict[str, int]:
     utils = _private(_private(torch, "torch._dynamo", purpose), "torch._dynamo.utils", purpose)
     inductor = _private(utils, "torch._dynamo.utils.counters", purpose)["inductor"]
     return {outcome: inductor[f"fxgraph_cache_{outcome}"] for outcome in ("hit", "miss", "bypass")}
+
+
+@functools.cache
+def onednn_convolution_ops() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """oneDNN's weight reorder and convolution, the pair inductor's frozen CPU code calls:
+    ``reorder(weight, padding, stride, dilation, groups, input_size)`` returns the weight in oneDNN's blocked
+    layout once, and ``convolve(input, packed, bias, padding, stride, dilation, groups, "none", [], "")`` runs
+    on it without reordering it again per call. None where this torch build has no oneDNN or lacks either op
+    (prepacking is a speed-up only: plain convolutions compute the same)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    operators = torch.ops.mkldnn
+    try:
+        return operators._reorder_convolution_weight, operators._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        return None

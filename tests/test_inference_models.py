@@ -28,6 +28,7 @@ from resnet_backbone import (
 from resnet_backbone.adapters.torchvision import build_detector, build_segmenter, load_torchvision_weights
 from resnet_backbone.inference import FLOAT32_TOLERANCE, LOW_PRECISION_TOLERANCE
 from resnet_backbone.model_parts import FOLDABLE_NORMS
+from resnet_backbone.prepacked import PrepackedConv2d
 
 SMALL_DETECTION = dict(min_size=96, max_size=128)
 # Faster R-CNN (an RPN and RoI heads) and RetinaNet (a one-stage head): torchvision's classes on its own
@@ -191,7 +192,7 @@ def test_a_norm_that_follows_no_convolution_is_left_and_named_once():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)).eval()
     with pytest.warns(UserWarning, match=r"left 1 norm\(s\) of Sequential unfolded .*: 3\. They run as before"):
         optimized = optimize_for_inference(model)
-    assert [type(m) for m in optimized] == [nn.Conv2d, nn.Identity, nn.ReLU, nn.BatchNorm2d]
+    assert [type(m) for m in optimized] == [PrepackedConv2d, nn.Identity, nn.ReLU, nn.BatchNorm2d]
     pixel_values = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         assert relative_diff(model(pixel_values), optimized(pixel_values)) <= FLOAT32_TOLERANCE
