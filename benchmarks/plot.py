@@ -28,7 +28,7 @@ def write_plot(result: SuiteResult, path: Path) -> None:
     for row_axes, panels, row in zip(axes, bar_panels, rows):
         for ax, workload in zip(row_axes, panels):
             _throughput_bars(ax, workload)
-        _sweep_lines(row_axes[-1], [w for w in row if w.kind == "sweep"])
+        _sweep_lines(row_axes[-1], [w for w in row if w.kind == "sweep" and w.batch == 1])
         for ax in row_axes[len(panels) : -1]:
             ax.set_visible(False)
     figure.suptitle(f"{processor(result.machine)}, {result.machine['torch_threads']} threads")

@@ -43,7 +43,10 @@ def format_tables(result: SuiteResult) -> str:
                 notes.append(f"- one call of {mode}, ms per part: {parts}")
             blocks += ["\n".join(notes)] if notes else []
     for architecture in dict.fromkeys(workload.architecture for workload in sweep):
-        blocks.append(f"{architecture} resolution sweep, batch 1: ms per image (outputs checked as above)")
+        blocks.append(
+            f"{architecture} sweep over batch x size: ms per image, speedup against torchvision eager fp32 at the "
+            "same shape in brackets (outputs checked as above)"
+        )
         blocks.append(format_table(*_sweep_table([w for w in sweep if w.architecture == architecture])))
     blocks += _slow_compiled_blocks(result)
     if result.targets:
@@ -125,14 +128,14 @@ def _figure(value: float | None, spec: str) -> str:
 
 
 def _sweep_table(sweep: list[WorkloadResult]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    header = ("library", "mode", *(f"{workload.size}px" for workload in sweep), "GFLOP/s at the largest")
+    header = ("library", "mode", *(f"{workload.batch}x{workload.size}" for workload in sweep))
+
+    def cell(workload: WorkloadResult, library: str, mode: str) -> str:
+        case = workload.case(library, mode)
+        return f"{case.median_ms / workload.batch:.1f} ({case.speedup:.2f}x)"
+
     rows = [
-        (
-            first.library,
-            first.mode,
-            *(f"{workload.case(first.library, first.mode).median_ms:.1f}" for workload in sweep),
-            f"{sweep[-1].case(first.library, first.mode).gflops_per_s:.0f}",
-        )
+        (first.library, first.mode, *(cell(workload, first.library, first.mode) for workload in sweep))
         for first in sweep[0].cases
     ]
     return header, rows

@@ -23,15 +23,17 @@ from .peers import ARCHITECTURES, build_peers
 from .plot import write_plot
 from .report import format_report, write_json
 from .results import SuiteResult
-from .targets import evaluate_dense_targets, evaluate_targets
+from .targets import evaluate_dense_targets, evaluate_sweep_targets, evaluate_targets
 from .workloads import Settings, Workload, plan, run_workload
 
 DEFAULT_RUNS = dict(
     inference_shapes=((4, 224), (1, 640)),
     training_shape=(4, 224),
-    sweep_sizes=(224, 384, 512, 640, 800, 1024),
+    # One image from 224 to 1216 pixels, then 224 pixels from 2 to 16 images.
+    sweep_shapes=tuple((1, size) for size in (224, 384, 512, 640, 800, 1024, 1216))
+    + tuple((batch, 224) for batch in (2, 4, 8, 16)),
     rounds=7,
-    sweep_rounds=3,  # a trend over sizes, eager and the fast path only: 1024 pixels takes seconds per call
+    sweep_rounds=3,  # a trend over sizes, eager and the fast path only: 1216 pixels takes seconds per call
     dense_rounds=3,  # a whole detector at 800x1216 takes seconds per call on a CPU
     warmup=2,
     matmul_size=2048,
@@ -42,7 +44,7 @@ QUICK_TASKS = ("backbone", "detection")
 SMOKE_RUNS = dict(
     inference_shapes=((1, 32),),
     training_shape=(2, 32),
-    sweep_sizes=(32, 48),
+    sweep_shapes=((1, 32), (1, 48), (2, 32)),
     rounds=1,
     sweep_rounds=1,
     dense_rounds=1,
@@ -195,7 +197,9 @@ def run_suite(
                     progress=progress,
                 )
                 result.workloads.append(measured)
-            result.targets += evaluate_targets(next(w for w in result.workloads if w.architecture == architecture))
+            ours = [w for w in result.workloads if w.architecture == architecture]
+            result.targets += evaluate_targets(ours[0])
+            result.targets += evaluate_sweep_targets([w for w in ours if w.kind == "sweep"])
         for workload in dense:
             measured = run_dense_workload(
                 workload,

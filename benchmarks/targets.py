@@ -64,6 +64,24 @@ def evaluate_targets(workload: WorkloadResult) -> list[TargetResult]:
     return _targets(workload, measured)
 
 
+def evaluate_sweep_targets(sweep: list[WorkloadResult]) -> list[TargetResult]:
+    """Our fast path, compiled or not, in every dtype the sweep ran, is never slower than the reference
+    (torchvision eager float32) at any of the sweep's input shapes: the least ratio, and where it fell."""
+    ratios = [
+        (case.speedup, case.mode, workload.label)
+        for workload in sweep
+        for case in workload.cases
+        if case.library == OURS and case.mode.startswith("fast path")
+    ]
+    if not ratios:
+        return []
+    least, mode, where = min(ratios)
+    batches, sizes = [w.batch for w in sweep], [w.size for w in sweep]
+    span = f"batch {min(batches)}-{max(batches)}, {min(sizes)}-{max(sizes)} px"
+    name = f"fast path, every mode, vs torchvision eager float32 over the sweep ({span}); least: {mode} at {where}"
+    return [TargetResult(name, f"{sweep[0].architecture} sweep", 1.0, least, least >= 1.0)]
+
+
 def _targets(workload: WorkloadResult, measured: list[tuple[str, float, float | None]]) -> list[TargetResult]:
     """``(name, threshold, measured value, or None where its mode did not run)`` as the workload's targets."""
     return [

@@ -1,4 +1,4 @@
-"""The workloads (inference, a training step, a resolution sweep) and running one of them: build every case,
+"""The workloads (inference, a training step, a sweep over input sizes) and running one of them: build every case,
 check its outputs against the reference, time all cases interleaved, derive throughput and efficiency."""
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from .timing import Timing, time_interleaved
 
 @dataclass(frozen=True)
 class Settings:
-    """What a run measures; ``inference_shapes`` and ``training_shape`` are (batch, size) pairs."""
+    """What a run measures; ``inference_shapes``, ``training_shape`` and ``sweep_shapes`` are (batch, size)
+    pairs."""
 
     architectures: tuple[str, ...]
     inference_shapes: tuple[tuple[int, int], ...]
     training_shape: tuple[int, int]
-    sweep_sizes: tuple[int, ...]
+    sweep_shapes: tuple[tuple[int, int], ...]
     compile: bool
     full: bool  # every workload and mode; else the quick default (see plan)
     rounds: int
@@ -68,8 +69,8 @@ class Workload:
 def plan(settings: Settings, device: torch.device) -> list[Workload]:
     """With ``settings.full``: inference with every library and mode (the compiled ones at the first shape only:
     each costs seconds of compiling per model and shape on a CPU); a training step per library; the sweep with
-    every library eager and the fast path uncompiled. Otherwise the quick default: inference at the first shape
-    in the headline modes only. bf16 runs only where ``device`` computes it natively."""
+    every library eager and our fast path in float32 and bf16, compiled and not. Otherwise the quick default:
+    inference at the first shape in the headline modes only. bf16 runs only where ``device`` computes it natively."""
     if settings.full:
         every_case = [(library, mode) for mode in LIBRARY_MODES for library in LIBRARIES]
         every_case += [(OURS, mode) for mode in FAST_PATH_MODES]
@@ -83,7 +84,7 @@ def plan(settings: Settings, device: torch.device) -> list[Workload]:
     skipped = tuple((f"{library} {mode.name}", why) for (library, mode), why in reasons.items() if why is not None)
     uncompiled = tuple(case for case in inference if not case[1].compile)
     sweep = tuple((library, EAGER_FP32) for library in LIBRARIES)
-    sweep += tuple(case for case in uncompiled if case[1].fast_path)
+    sweep += tuple(case for case in inference if case[1].fast_path and case[1].dtype != torch.int8)
     training = tuple((library, TRAINING_FP32) for library in LIBRARIES)
     (first_batch, first_size), *other_shapes = settings.inference_shapes
     workloads = []
@@ -92,7 +93,7 @@ def plan(settings: Settings, device: torch.device) -> list[Workload]:
         if settings.full:
             workloads += [Workload("inference", architecture, *shape, uncompiled) for shape in other_shapes]
             workloads.append(Workload("training", architecture, *settings.training_shape, training))
-            workloads += [Workload("sweep", architecture, 1, size, sweep) for size in settings.sweep_sizes]
+            workloads += [Workload("sweep", architecture, *shape, sweep) for shape in settings.sweep_shapes]
     return workloads
 
 

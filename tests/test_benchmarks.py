@@ -43,9 +43,10 @@ from resnet_backbone.benchmarks.modes import (
     why_not_run,
 )
 from resnet_backbone.benchmarks.page import format_page
-from resnet_backbone.benchmarks.report import write_json
+from resnet_backbone.benchmarks.report import format_tables, write_json
 from resnet_backbone.benchmarks.results import SuiteResult, WorkloadResult
 from resnet_backbone.benchmarks.suite import build_parser, select
+from resnet_backbone.benchmarks.targets import evaluate_sweep_targets
 from resnet_backbone.benchmarks.timing import Timing
 from resnet_backbone.benchmarks.workloads import case_results, plan
 from resnet_backbone.cli.main import main
@@ -79,8 +80,13 @@ def test_the_default_is_the_quick_selection_and_full_runs_every_workload():
         "resnet50 inference 4x3x224x224",
         "resnet50 inference 1x3x640x640",
         "resnet50 training 4x3x224x224",
-        *(f"resnet50 sweep 1x3x{size}x{size}" for size in (224, 384, 512, 640, 800, 1024)),
+        *(f"resnet50 sweep 1x3x{size}x{size}" for size in (224, 384, 512, 640, 800, 1024, 1216)),
+        *(f"resnet50 sweep {batch}x3x224x224" for batch in (2, 4, 8, 16)),
     ]
+    settings, _, _ = select(build_parser("bench").parse_args(["--full"]))
+    sweep = [workload for workload in plan(settings, CPU) if workload.kind == "sweep"]
+    ours = {mode for library, mode in sweep[0].cases if library == "resnet_backbone"}
+    assert {FAST_PATH_FP32, FAST_PATH_MODES[2]} <= ours and FAST_PATH_INT8 not in ours  # compiled or not
     assert dense == [(w.task, w.model) for w in DEFAULT_WORKLOADS]
     full_cases, _ = cases_for(fasterrcnn, "torchvision", compile=True, full=True, device=CPU)
     assert {mode for _, mode in full_cases if mode.compile} and set(quick_cases) < set(full_cases)
@@ -105,7 +111,7 @@ def test_smoke_run_checks_outputs_and_writes_table_json_and_plot(tmp_path, capsy
     assert main(["bench", "--smoke", "--full", "--tasks", "backbone", "--output-dir", str(tmp_path)]) == 0
 
     result = json.loads((tmp_path / "results.json").read_text())
-    assert [w["kind"] for w in result["workloads"]] == ["inference", "training", "sweep", "sweep"]
+    assert [w["kind"] for w in result["workloads"]] == ["inference", "training", "sweep", "sweep", "sweep"]
     for workload in result["workloads"]:
         assert workload["outputs_checked"] and workload["reference"].startswith("torchvision ")
         assert {case["library"] for case in workload["cases"]} == LIBRARIES
@@ -330,6 +336,37 @@ def test_a_compiled_mode_slower_than_its_uncompiled_twin_is_flagged_in_the_json_
     (row,) = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
     assert row == [label, flag.case, flag.twin, "120.0", "100.0", "1.20x", "1 hit, 2 miss, 0 bypass",
                    str(tmp_path / "inductor cache"), str(torch.get_num_threads())]  # fmt: skip
+
+
+def test_the_sweep_target_is_the_least_ratio_of_any_fast_path_mode_at_any_shape_and_names_where():
+    """Results built directly: our eager mode's ratio does not count, the fast path's least one does."""
+    fp32_compiled = FAST_PATH_MODES[2]
+
+    def sweep_point(batch: int, size: int, median_ms: dict) -> WorkloadResult:
+        timings = {case: Timing(ms / 1e3, ms / 1e3, ms / 1e3) for case, ms in median_ms.items()}
+        first_calls = {case: FirstCall(1.0, None) for case in timings}
+        agreements = dict.fromkeys(timings, Agreement(0.0, 1.0))
+        reference = ("torchvision", EAGER_FP32)
+        cases = case_results(timings, reference, batch, 10**9, {"float32": 1.0}, first_calls, agreements, {})
+        label = f"resnet50 sweep {batch}x3x{size}x{size}"
+        return WorkloadResult(label, "sweep", "resnet50", batch, size, 10**9, {}, "torchvision eager fp32", True, cases)
+
+    ours = partial(tuple.__add__, ("resnet_backbone",))
+    sweep = [
+        sweep_point(1, 224, {("torchvision", EAGER_FP32): 60, ours((EAGER_FP32,)): 90, ours((FAST_PATH_FP32,)): 50,
+                             ours((fp32_compiled,)): 40}),
+        sweep_point(16, 224, {("torchvision", EAGER_FP32): 800, ours((EAGER_FP32,)): 790,
+                              ours((FAST_PATH_FP32,)): 820, ours((fp32_compiled,)): 500}),
+    ]  # fmt: skip
+    (target,) = evaluate_sweep_targets(sweep)
+    assert target.measured == pytest.approx(800 / 820) and target.met is False
+    assert target.name.endswith("(batch 1-16, 224-224 px); least: fast path fp32 at resnet50 sweep 16x3x224x224")
+    assert evaluate_sweep_targets([]) == []
+
+    table = format_tables(SuiteResult(machine={}, settings={"full": True}, workloads=sweep))
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if "|" in line]
+    assert rows[0] == ["library", "mode", "1x224", "16x224"]
+    assert ["resnet_backbone", "fast path fp32", "50.0 (1.20x)", "51.2 (0.98x)"] in rows  # ms per image (speedup)
 
 
 @pytest.mark.slow
