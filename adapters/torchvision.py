@@ -32,8 +32,9 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from resnet_backbone import ResNetBackbone, register_dense_parts, register_foldable_norm
+from resnet_backbone import ResNetBackbone, register_dense_parts, register_foldable_norm, register_inference_module
 from resnet_backbone.adapter_api import close_match_hint
+from resnet_backbone.adapters.torchvision_roi_align import SparseMultiScaleRoIAlign
 from resnet_backbone.weights import LoadReport, load_placed, resolve_source, to_canonical
 
 __all__ = [
@@ -451,6 +452,9 @@ for _model_class, _part_names in DENSE_PARTS.items():
     register_dense_parts(_model_class, _part_names)
 # torchvision's FrozenBatchNorm2d is BatchNorm's eval-mode arithmetic on buffers: its detectors fold as they come.
 register_foldable_norm(FrozenBatchNorm2d)
+# The two-stage detectors' RoI pooling, as one sparse matrix product per level instead of torchvision's
+# single-threaded roi_align.
+register_inference_module(MultiScaleRoIAlign, SparseMultiScaleRoIAlign.from_module)
 
 
 # ---------------------------------------------------------------- torchvision's pretrained weights

@@ -10,7 +10,7 @@ from .compiled_speed import CompiledSlowerWarning
 from .config import ResNetConfig
 from .inference import compile_for_training, computes_bf16_natively, load_quantized, optimize_for_inference
 from .layers import FrozenBatchNorm2d
-from .model_parts import dense_parts, register_dense_parts, register_foldable_norm
+from .model_parts import dense_parts, register_dense_parts, register_foldable_norm, register_inference_module
 from .outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from .presets import PRESETS
 from .quantization import computes_int8_natively, save_quantized
@@ -37,6 +37,7 @@ __all__ = [
     "optimize_for_inference",
     "register_dense_parts",
     "register_foldable_norm",
+    "register_inference_module",
     "save_quantized",
 ]
 

@@ -21,7 +21,13 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .compiled_speed import check_compiled_speed
-from .model_parts import declared_dense_parts, dense_parts, is_foldable_norm, register_dense_parts
+from .model_parts import (
+    declared_dense_parts,
+    dense_parts,
+    is_foldable_norm,
+    register_dense_parts,
+    use_inference_modules,
+)
 from .prepacked import prepack_convolutions
 from .pretrained import ResNetPreTrainedModel
 from .quantization import computes_int8_natively, load_programs, quantize_parts
@@ -61,10 +67,12 @@ def optimize_for_inference(
     - BatchNorm (also frozen and sync, and the norms an adapter declares foldable) is folded into the
       convolution it follows, wherever it sits; GroupNorm is kept. A BatchNorm that follows no convolution is
       left as it is, with a warning naming it.
+    - A module whose class has a faster stand-in declared (:func:`register_inference_module`, e.g. an
+      adapter's faster RoI pooling) is replaced by it.
     - ``channels_last``: weights in channels_last memory format; inputs may be either format. On a CPU each
       plain convolution also reorders its weight into oneDNN's layout once, at its first call, instead of
       at every call (see :class:`~resnet_backbone.prepacked.PrepackedConv2d`): one more copy of the weights
-      in memory, and up to a third less time for small inputs.
+      in memory, for less time per call, most for small inputs.
     - ``dtype`` (``torch.bfloat16`` or ``torch.float16``): a backbone's parameters are cast, floating-point
       inputs are cast to it inside, and outputs come out in it. In a whole model only the dense parts (see
       :func:`dense_parts`) run in ``dtype``; their outputs come back in float32, so boxes, anchors and
@@ -173,8 +181,9 @@ def optimize_for_inference(
         if compile:
             # An int8 part's uncompiled twin simulates int8 in float32, slower than anything a user would run.
             compile_for_inference(part, check_speed=not int8)
+    # Last: the int8 quantizer recognises nn.Conv2d itself, and compiling traces torch's convolution.
+    use_inference_modules(model)
     if channels_last:
-        # Last: the int8 quantizer recognises nn.Conv2d itself, and compiling traces torch's convolution.
         prepack_convolutions(model)
     return model
 
@@ -227,6 +236,7 @@ def load_quantized(model: Model, directory: str | os.PathLike, *, compile: bool 
     for name in load_programs(model, directory):
         if compile:
             compile_for_inference(model.get_submodule(name), check_speed=False)
+    use_inference_modules(model)
     prepack_convolutions(model)
     return model
 

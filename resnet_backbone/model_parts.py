@@ -2,14 +2,15 @@
 
 The core names no other library's classes or attributes. Each adapter declares, when it is imported, the dense
 parts of the model classes it builds or recognises (:func:`register_dense_parts`) and the norm classes of its
-framework that fold into a convolution (:func:`register_foldable_norm`); a user does the same for their own
+framework that fold into a convolution (:func:`register_foldable_norm`), and the faster stand-ins for its
+modules that compute the same at inference (:func:`register_inference_module`); a user does the same for their own
 classes, or passes the parts to each call. Like torch's pytree registry, a declaration is keyed by class and
 inherited by subclasses, so it reaches every model of that class however it was built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -22,6 +23,7 @@ FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 
 _dense_parts_by_class: dict[type | str, tuple[str, ...]] = {}
 _registered_norms: list[type[nn.Module]] = []
+_inference_modules: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {}
 
 
 def register_dense_parts(model_class: type[nn.Module] | str, part_names: Sequence[str]) -> None:
@@ -62,6 +64,33 @@ def register_foldable_norm(norm_class: type[nn.Module]) -> None:
         raise TypeError(f"register_foldable_norm takes an nn.Module subclass, got {norm_class!r}.")
     if norm_class not in _registered_norms:
         _registered_norms.append(norm_class)
+
+
+def register_inference_module(module_class: type[nn.Module], make: Callable[[nn.Module], nn.Module]) -> None:
+    """Declare that ``optimize_for_inference`` puts ``make(module)`` in place of each module of exactly
+    ``module_class`` (a subclass may compute something else): a stand-in that computes the same outputs
+    faster in eval mode, such as a framework's RoI pooling run as one sparse matrix product.
+
+    Args:
+        module_class: the class replaced.
+        make: builds the stand-in from the module, with the module's settings and state.
+
+    Raises:
+        TypeError: ``module_class`` is not a subclass of ``nn.Module``.
+    """
+    if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
+        raise TypeError(f"register_inference_module takes an nn.Module subclass, got {module_class!r}.")
+    _inference_modules[module_class] = make
+
+
+def use_inference_modules(model: nn.Module) -> None:
+    """Put the declared stand-in (:func:`register_inference_module`) in place of each module of ``model`` whose
+    class has one, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            make = _inference_modules.get(type(child))
+            if make is not None:
+                setattr(parent, name, make(child))
 
 
 def is_foldable_norm(module: nn.Module) -> bool:

@@ -1,8 +1,8 @@
 """Convolutions whose CPU calls run on weights reordered once into oneDNN's blocked layout.
 
 A plain ``nn.Conv2d`` on a CPU hands oneDNN its weight in PyTorch's layout, and oneDNN reorders it into its own
-on every call: about a third of a ResNet-50's time for one 224-pixel image on 2 cores, where the convolutions
-themselves are short. Inductor's frozen code reorders each weight once; :class:`PrepackedConv2d` does the same
+on every call: a large share of a ResNet-50's time for one small image, where the convolutions themselves are
+short. Inductor's frozen code reorders each weight once; :class:`PrepackedConv2d` does the same
 without compiling, so the uncompiled fast path gets it too.
 """
 
