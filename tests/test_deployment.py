@@ -199,7 +199,8 @@ def test_the_torchvision_body_scripts_saves_and_reloads_with_identical_outputs(t
     with torch.no_grad():
         expected = body(images)
         for name, feature in reloaded(images).items():
-            assert torch.equal(feature, expected[name])
+            # TorchScript's executor may fuse or reorder float operations: equal up to rounding, not bit for bit.
+            torch.testing.assert_close(feature, expected[name], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- precision and memory format
